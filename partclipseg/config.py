@@ -1,0 +1,127 @@
+"""Model configuration: JSON files (open_clip style) read into a frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["ModelConfig", "ConfigError", "load_model_config", "CLIP_MEAN", "CLIP_STD",
+           "MODEL_CONFIG_DIR", "CONFIG_DIR", "resolve_config_path"]
+
+# OpenAI CLIP normalisation (RGB, applied to [0, 1] pixels).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODEL_CONFIG_DIR = CONFIG_DIR / "models"
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a PartCLIPSeg (or CLIPSeg baseline) model.
+
+    `vision_cfg`/`text_cfg`/`embed_dim` are open_clip's own CLIP config fields, so a pretrained
+    open_clip tower (`clip_name` + `pretrained`) loads into exactly this shape.
+    """
+
+    name: str
+    mode: str = "partclipseg"  # "partclipseg" | "clipseg" (baseline: object-specific names)
+    clip_name: str | None = "ViT-B-16"  # open_clip model name, used with `pretrained`
+    pretrained: str | None = None  # open_clip pretrained tag or a local weight file
+    embed_dim: int = 512
+    vision_cfg: Mapping[str, Any] = field(default_factory=dict)
+    text_cfg: Mapping[str, Any] = field(default_factory=dict)
+    quick_gelu: bool = False
+    image_size: int = 352  # model input side; position embeddings are resized to it once
+    extract_layers: tuple[int, ...] = (3, 6, 9)  # 0-based ViT blocks tapped, shallow to deep
+    adapters: bool = True
+    adapter_hidden: int = 192
+    adapter_ratio: float = 0.2  # a <- (1 - r) a + r MLP(a)
+    reduce_dim: int = 64
+    decoder_heads: int = 4
+    decoder_mlp_dim: int = 2048
+    decoder_act: str = "relu"  # "relu" (paper) | "quick_gelu" (Hugging Face CLIPSeg)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
+        object.__setattr__(self, "vision_cfg", dict(self.vision_cfg))
+        object.__setattr__(self, "text_cfg", dict(self.text_cfg))
+        if self.mode not in ("partclipseg", "clipseg"):
+            raise ConfigError(f"mode must be 'partclipseg' or 'clipseg', got {self.mode!r}")
+        if self.decoder_act not in ("relu", "quick_gelu"):
+            raise ConfigError(f"decoder_act must be 'relu' or 'quick_gelu', got {self.decoder_act!r}")
+        layers = self.vision_cfg.get("layers", 12)
+        if sorted(self.extract_layers) != list(self.extract_layers) or not self.extract_layers \
+                or self.extract_layers[-1] >= layers or self.extract_layers[0] < 0:
+            raise ConfigError(f"extract_layers {self.extract_layers} must be increasing block "
+                              f"indices below the ViT depth {layers}")
+        patch = self.vision_cfg.get("patch_size", 16)
+        if patch != 16:
+            # The mask head upsamples 16x (two stride-4 transposed convs).
+            raise ConfigError(f"patch_size must be 16 (the mask head upsamples 16x), got {patch}")
+        if self.image_size % patch:
+            raise ConfigError(f"image_size {self.image_size} must be a multiple of {patch}")
+        if self.reduce_dim % self.decoder_heads:
+            raise ConfigError("reduce_dim must be divisible by decoder_heads")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.vision_cfg.get("patch_size", 16)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.vision_cfg["width"])
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extract_layers"] = list(self.extract_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        if "name" not in d:
+            raise ConfigError("model config needs a 'name'")
+        return cls(**d)
+
+
+def resolve_config_path(name_or_path: str | Path, directory: Path, suffixes: tuple[str, ...]) -> Path:
+    """A config file path, or the name of a config shipped in `directory` ("tiny", "tiny.json")."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in [directory / p.name] + [directory / (p.name + s) for s in suffixes]:
+        if cand.is_file():
+            return cand
+    shipped = sorted(f.stem for f in directory.iterdir() if f.suffix in suffixes)
+    raise ConfigError(f"config {str(name_or_path)!r} not found: not a file, and not one of the "
+                      f"shipped configs {shipped}")
+
+
+def load_model_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
+    """Read a model config (JSON or YAML) by path or by shipped name ("vit_b16", "tiny")."""
+    path = resolve_config_path(name_or_path, MODEL_CONFIG_DIR, (".json", ".yaml", ".yml"))
+    try:
+        text = path.read_text()
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read model config {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"model config {path} must be a mapping")
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig.from_dict(d)

@@ -1,0 +1,211 @@
+"""PartCLIPSeg: open-vocabulary part segmentation with generalized parts and object context.
+
+Read top to bottom:
+  1. text side (`encode_vocabulary`): plain part and object names -> CLIP text features ->
+     FiLM vectors for stage 1, and for every object-specific class k = (o, p) the stage-2 vector
+     e_k = We [e_o ; e_p] -> FiLM' vectors. Depends on the vocabulary only: deployment
+     precomputes it (the `Conditioning`).
+  2. image side (`forward_image`): CLIP ViT taps after blocks 3/6/9 -> adapters -> CLIPSeg
+     decoder run once per stage-1 condition, all conditions as one batch -> head H gives a
+     logit map per generalized part, per object and for background.
+  3. stage 2: for each class k, G_k = Mix([F_p ; F_o]) -> FiLM'_{e_k} -> head H' -> logit T_k.
+
+`mode="clipseg"` is the baseline: stage 1 only, conditioned on object-specific names.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.vocabulary import Vocabulary
+
+from ..config import ModelConfig
+from .backbone import TappedViT, TextEncoder, build_clip, tokenize
+from .decoder import Adapter, DecoderBlock, FiLM, MaskHead
+
+__all__ = ["PartCLIPSeg", "Conditioning", "SegOutput"]
+
+
+@dataclass
+class Conditioning:
+    """Vocabulary-dependent inputs of the image side (D = decoder width, E = text width).
+
+    Stage-1 conditions are ordered [P generalized parts, O objects, background]
+    (partclipseg) or [K object-specific classes, background] (clipseg, P = 0, O = K).
+
+    film1_mul, film1_add: (P + O + 1, D) float.
+    film2_mul, film2_add: (K, D) float, stage-2 FiLM' vectors (None for clipseg).
+    class_part: (K,) int64 index of each class's part in [0, P) (None for clipseg).
+    class_object: (K,) int64 index of each class's object in [0, O) (None for clipseg).
+    """
+
+    film1_mul: torch.Tensor
+    film1_add: torch.Tensor
+    num_parts: int
+    num_objects: int
+    film2_mul: torch.Tensor | None = None
+    film2_add: torch.Tensor | None = None
+    class_part: torch.Tensor | None = None
+    class_object: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Conditioning(move(self.film1_mul), move(self.film1_add), self.num_parts,
+                            self.num_objects, move(self.film2_mul), move(self.film2_add),
+                            move(self.class_part), move(self.class_object))
+
+
+@dataclass
+class SegOutput:
+    """Logits at model resolution S (sigmoid gives per-class probabilities).
+
+    logits: (B, K + 1, S, S) object-specific classes, then background.
+    object_logits: (B, O + 1, S, S) objects, then background (None for clipseg).
+    part_logits: (B, P + 1, S, S) generalized parts, then background (None for clipseg).
+    attention: (B, P + O + 1, g*g, g*g) last stage-1 block self-attention, head-averaged,
+        CLS dropped (rows are probabilities over all g*g+1 keys), only when requested.
+    """
+
+    logits: torch.Tensor
+    object_logits: torch.Tensor | None = None
+    part_logits: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+class PartCLIPSeg(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        clip = build_clip(cfg)
+        width, dim, emb = cfg.vision_width, cfg.reduce_dim, cfg.embed_dim
+        self.vit = TappedViT(clip.visual, cfg)
+        self.text = TextEncoder(clip)
+        n_taps = len(cfg.extract_layers)
+        self.adapters = nn.ModuleList(
+            Adapter(width, cfg.adapter_hidden, cfg.adapter_ratio) for _ in range(n_taps)
+        ) if cfg.adapters else None
+        self.background = nn.Parameter(torch.randn(1, emb) * 0.02)
+        # Stage 1 (CLIPSeg decoder); reduces/blocks are ordered deep to shallow.
+        self.film = FiLM(emb, dim)
+        self.reduces = nn.ModuleList(nn.Linear(width, dim) for _ in range(n_taps))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, cfg.decoder_heads, cfg.decoder_mlp_dim, cfg.decoder_act)
+            for _ in range(n_taps))
+        self.head = MaskHead(dim)
+        if cfg.mode == "partclipseg":
+            # Stage 2. Mix and We start as averages of their two inputs (our choice: stage 2
+            # then starts from stage-1 features), FiLM' and H' as copies of FiLM and H.
+            self.mix = nn.Linear(2 * dim, dim)
+            self.embed_mix = nn.Linear(2 * emb, emb)
+            with torch.no_grad():
+                for lin, d in ((self.mix, dim), (self.embed_mix, emb)):
+                    lin.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], 1) / 2)
+                    lin.bias.zero_()
+            self.film2 = copy.deepcopy(self.film)
+            self.head2 = copy.deepcopy(self.head)
+        self._freeze_clip()
+
+    # -- parameters ----------------------------------------------------------------------------
+    def _freeze_clip(self) -> None:
+        """Trainable: adapters, text token/position embeddings, FiLMs, decoder, background."""
+        for p in self.vit.parameters():
+            p.requires_grad_(False)
+        for p in self.text.parameters():
+            p.requires_grad_(False)
+        self.text.token_embedding.weight.requires_grad_(True)
+        self.text.positional_embedding.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    # -- 1. text side --------------------------------------------------------------------------
+    def encode_names(self, names: list[str]) -> torch.Tensor:
+        """Plain names -> (N, E) CLIP text features (projected EOS token, not normalized)."""
+        device = self.background.device
+        return self.text(tokenize(names, self.text.context_length).to(device))
+
+    def encode_vocabulary(self, vocab: Vocabulary) -> Conditioning:
+        """Everything that depends on the vocabulary only."""
+        device = self.background.device
+        if self.cfg.mode == "clipseg":
+            e = torch.cat([self.encode_names(list(vocab.class_names)), self.background])
+            mul, add = self.film.vectors(e)
+            return Conditioning(mul, add, num_parts=0, num_objects=vocab.num_classes)
+        n_parts, n_objects = len(vocab.parts), len(vocab.objects)
+        e = self.encode_names(list(vocab.parts) + list(vocab.objects))
+        mul1, add1 = self.film.vectors(torch.cat([e, self.background]))
+        class_part = torch.tensor(vocab.class_parts, dtype=torch.long, device=device)
+        class_object = torch.tensor(vocab.class_objects, dtype=torch.long, device=device)
+        e_k = self.embed_mix(torch.cat([e[n_parts + class_object], e[class_part]], dim=1))
+        mul2, add2 = self.film2.vectors(e_k)
+        return Conditioning(mul1, add1, n_parts, n_objects, mul2, add2, class_part, class_object)
+
+    # -- 2. image side -------------------------------------------------------------------------
+    def image_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) normalized -> adapted taps, deep to shallow, each (B, 1 + g*g, W)."""
+        # The tower is frozen: skip its autograd graph (a large saving in training).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and
+                                    any(p.requires_grad for p in self.vit.parameters())):
+            taps = self.vit(images)
+        if self.adapters is not None:
+            taps = [adapter(a) for adapter, a in zip(self.adapters, taps)]
+        return taps[::-1]
+
+    def decode_stage1(self, taps: list[torch.Tensor], cond: Conditioning,
+                      need_attention: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Taps (deep first) -> features (B, C, g, g, D) per condition and last-block attention."""
+        b, t, _ = taps[0].shape
+        c = cond.film1_mul.shape[0]
+        x = FiLM.apply(self.reduces[0](taps[0]).unsqueeze(1), cond.film1_mul, cond.film1_add)
+        x = x.reshape(b * c, t, -1)
+        attention = None
+        for i, block in enumerate(self.blocks):
+            if i > 0:
+                x = (self.reduces[i](taps[i]).unsqueeze(1) + x.reshape(b, c, t, -1)).flatten(0, 1)
+            x, attention = block(x, need_attention and i == len(self.blocks) - 1)
+        g = self.cfg.grid_size
+        feats = x[:, 1:].reshape(b, c, g, g, -1)
+        if attention is not None:
+            attention = attention[:, 1:, 1:].reshape(b, c, g * g, g * g)
+        return feats, attention
+
+    def _head(self, head: MaskHead, feats: torch.Tensor) -> torch.Tensor:
+        """(B, C, g, g, D) -> (B, C, S, S) logits."""
+        b, c = feats.shape[:2]
+        out = head(feats.flatten(0, 1).permute(0, 3, 1, 2))
+        return out.reshape(b, c, *out.shape[-2:])
+
+    # -- 3. stage 2 ----------------------------------------------------------------------------
+    def stage2_features(self, feats: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Stage-1 features (B, C, g, g, D) -> FiLM'-modulated class features (B, K, g, g, D)."""
+        p, o = cond.num_parts, cond.num_objects
+        d = feats.shape[-1]
+        # Mix is linear, so mix parts and objects once each, then gather per class:
+        # costs P + O projections instead of K.
+        w = self.mix.weight
+        mixed_parts = feats[:, :p] @ w[:, :d].T  # Mix([F_p ; F_o]): parts come first
+        mixed_objects = feats[:, p:p + o] @ w[:, d:].T + self.mix.bias
+        g = mixed_parts[:, cond.class_part] + mixed_objects[:, cond.class_object]
+        return FiLM.apply(g, cond.film2_mul, cond.film2_add)
+
+    def forward_image(self, images: torch.Tensor, cond: Conditioning,
+                      need_attention: bool = False) -> SegOutput:
+        """(B, 3, S, S) CLIP-normalized float images + conditioning -> SegOutput."""
+        feats, attention = self.decode_stage1(self.image_features(images), cond, need_attention)
+        s1 = self._head(self.head, feats)
+        if self.cfg.mode == "clipseg":
+            return SegOutput(logits=s1, attention=attention)
+        p = cond.num_parts
+        s2 = self._head(self.head2, self.stage2_features(feats, cond))
+        background = s1[:, -1:]
+        return SegOutput(logits=torch.cat([s2, background], 1), object_logits=s1[:, p:],
+                         part_logits=torch.cat([s1[:, :p], background], 1), attention=attention)
+
+    def forward(self, images: torch.Tensor, vocab: Vocabulary,
+                need_attention: bool = False) -> SegOutput:
+        return self.forward_image(images, self.encode_vocabulary(vocab), need_attention)

@@ -1,0 +1,196 @@
+"""PartCLIPSeg losses: L = L_os + L_obj + L_part + 0.1 L_sep + 0.01 L_enh.
+
+Targets use one convention throughout (see `build_targets`): a class/object index, the
+background index (= number of classes/objects, i.e. the last channel), or -1 = no supervision.
+
+Attention control (DESIGN section 1). For each ground-truth object o in an image and each part
+class j of o present there, the last stage-1 block's self-attention of the part and object
+conditions, A_j = (A_part + A_obj) / 2, is pooled over the queries inside the part's mask,
+blurred (3x3 Gaussian) and min-max normalized: map_j over the g x g keys, values in [0, 1].
+
+- L_sep: the paper counts the share of object pixels claimed by more than one part, with claims
+  B_j = [map_j > gamma]; that hard threshold carries no gradient (the released code's L_sep
+  trains nothing). We relax each claim to a probability s_j = sigmoid((map_j - gamma) / tau)
+  and take the probability that at least two independent claims fire,
+  P(>=2) = 1 - P(0) - P(1). For 0/1 claims this equals the paper's indicator exactly, so the
+  relaxation changes the gradient, not the quantity measured.
+- L_enh = 1 - min_j max_{x in object} map_j: the weakest part's peak inside its object. (With
+  the max taken over the whole map, min-max normalization would make it identically 0.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.partclipseg import Conditioning, SegOutput
+
+__all__ = ["LossConfig", "PartCLIPSegLoss", "build_targets", "weighted_bce",
+           "attention_losses", "IGNORE", "DATA_IGNORE", "DATA_BACKGROUND"]
+
+IGNORE = -1  # no supervision, in loss targets
+DATA_IGNORE = -1  # object label of pixels that must not be supervised (e.g. unseen objects)
+DATA_BACKGROUND = 255  # part label "no part" and object label "background" in dataset arrays
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    os: float = 1.0
+    obj: float = 1.0
+    part: float = 1.0
+    sep: float = 0.1
+    enh: float = 0.01
+    background_weight: float = 0.05
+    gamma: float = 0.3
+    sep_temperature: float = 0.05
+
+
+def build_targets(part: torch.Tensor, obj: torch.Tensor, num_classes: int, num_objects: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset labels -> loss targets.
+
+    part: (B, H, W) int64 class index in [0, K), 255 = no part label.
+    obj: (B, H, W) int64 object index in [0, O), 255 = background, -1 = ignore (unseen object).
+    Returns class_target in [0, K] (K = background) or -1, object_target in [0, O] or -1.
+    Pixels inside an object without a part label get no class supervision.
+    """
+    background = obj == DATA_BACKGROUND
+    ignored = obj == DATA_IGNORE
+    has_part = (part >= 0) & (part < num_classes)
+    class_t = torch.where(has_part, part, torch.where(background, num_classes, IGNORE))
+    obj_t = torch.where(background, num_objects, obj)
+    class_t = torch.where(ignored, IGNORE, class_t)
+    obj_t = torch.where(ignored | (obj_t > num_objects), IGNORE, obj_t)
+    return class_t, obj_t
+
+
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor, background_weight: float
+                 ) -> torch.Tensor:
+    """One-vs-all BCE-with-logits, last channel = background weighted by `background_weight`.
+
+    logits (B, C, H, W); target (B, H, W) in [0, C) or -1 (ignored). Mean over valid pixels and
+    channels. Uses sum_c w_c softplus(x_c) - w_t x_t, which never materializes a one-hot.
+    """
+    c = logits.shape[1]
+    w = torch.ones(c, device=logits.device, dtype=logits.dtype)
+    w[-1] = background_weight
+    valid = target >= 0
+    t = target.clamp(min=0)
+    neg = (F.softplus(logits) * w.view(1, c, 1, 1)).sum(1)
+    pos = logits.gather(1, t.unsqueeze(1)).squeeze(1) * w[t]
+    n = valid.sum().clamp(min=1) * c
+    return ((neg - pos) * valid).sum() / n
+
+
+_BLUR = torch.tensor([1.0, 2.0, 1.0])
+_BLUR = (_BLUR[:, None] * _BLUR[None, :] / 16).view(1, 1, 3, 3)  # 3x3 Gaussian, sigma ~0.85
+
+
+def attention_losses(attention: torch.Tensor, cond: Conditioning, class_t: torch.Tensor,
+                     obj_t: torch.Tensor, gamma: float = 0.3, tau: float = 0.05
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_sep, L_enh), both scalars in [0, 1].
+
+    attention: (B, C1, g*g, g*g) stage-1 last-block attention (CLS dropped); class_t/obj_t:
+    (B, S, S) targets from `build_targets`.
+    """
+    b, _, n, _ = attention.shape
+    g = int(round(n ** 0.5))
+    k, p = cond.class_part.shape[0], cond.num_parts
+    class_part = cond.class_part.tolist()
+    class_object = cond.class_object.tolist()
+    # Enumerate (image, object, part class) triples present in the ground truth: integer work.
+    pair_img, pair_cls, pair_obj, pair_inst, inst_img, inst_obj = [], [], [], [], [], []
+    for i in range(b):
+        present = torch.unique(class_t[i]).tolist()
+        by_obj: dict[int, list[int]] = {}
+        for c in present:
+            if 0 <= c < k:
+                by_obj.setdefault(class_object[c], []).append(c)
+        for o, classes in sorted(by_obj.items()):
+            for c in classes:
+                pair_img.append(i), pair_cls.append(c), pair_obj.append(o)
+                pair_inst.append(len(inst_img))
+            inst_img.append(i), inst_obj.append(o)
+    zero = attention.sum() * 0
+    if not pair_img:
+        return zero, zero
+    dev = attention.device
+    pi = torch.tensor(pair_img, device=dev)
+    pc = torch.tensor(pair_cls, device=dev)
+    po = torch.tensor(pair_obj, device=dev)
+    # Masks at the g x g token grid, by area.
+    part_masks = F.adaptive_avg_pool2d((class_t[pi] == pc[:, None, None]).float()[:, None], g)
+    ii, io = torch.tensor(inst_img, device=dev), torch.tensor(inst_obj, device=dev)
+    obj_masks = F.adaptive_avg_pool2d((obj_t[ii] == io[:, None, None]).float()[:, None], g)
+    obj_masks = (obj_masks.flatten(1) >= 0.5).to(attention.dtype)  # (I, g*g)
+    w = part_masks.flatten(1)
+    w = w / w.sum(1, keepdim=True).clamp(min=1e-6)  # (n_pairs, g*g) query weights
+    cp = torch.tensor([class_part[c] for c in pair_cls], device=dev)
+    pooled = 0.5 * (torch.einsum("nq,nqk->nk", w, attention[pi, cp])
+                    + torch.einsum("nq,nqk->nk", w, attention[pi, p + po]))
+    maps = F.conv2d(pooled.view(-1, 1, g, g), _BLUR.to(pooled), padding=1).flatten(1)
+    lo, hi = maps.min(1, keepdim=True).values, maps.max(1, keepdim=True).values
+    maps = (maps - lo) / (hi - lo).clamp(min=1e-8)  # (n_pairs, g*g) in [0, 1]
+
+    inst = torch.tensor(pair_inst, device=dev)
+    inside = obj_masks[inst]  # (n_pairs, g*g)
+    # Pad to (I, J, g*g) so the overlap probability is a loop over part slots, not classes.
+    n_inst = len(inst_img)
+    slot = torch.zeros_like(inst)
+    counts: dict[int, int] = {}
+    for j, s in enumerate(pair_inst):
+        slot[j] = counts.get(s, 0)
+        counts[s] = counts.get(s, 0) + 1
+    claims = torch.zeros(n_inst, max(counts.values()), n, device=dev, dtype=maps.dtype)
+    claims = claims.index_put((inst, slot), torch.sigmoid((maps - gamma) / tau) * inside)
+    p0 = torch.ones(n_inst, n, device=dev, dtype=maps.dtype)
+    p1 = torch.zeros_like(p0)
+    for j in range(claims.shape[1]):
+        s = claims[:, j]
+        p1 = p1 * (1 - s) + p0 * s
+        p0 = p0 * (1 - s)
+    multi = (1 - p0 - p1).clamp(min=0)
+    area = obj_masks.sum(1)
+    keep = area > 0  # objects smaller than a token have no grid cells
+    if not keep.any():
+        return zero, zero
+    l_sep = ((multi * obj_masks).sum(1)[keep] / area[keep]).mean()
+
+    peaks = (maps * inside).max(1).values  # (n_pairs,)
+    weakest = torch.full((n_inst,), float("inf"), device=dev, dtype=maps.dtype)
+    weakest = weakest.scatter_reduce(0, inst, peaks, reduce="amin")
+    l_enh = (1 - weakest[keep]).mean()
+    return l_sep, l_enh
+
+
+class PartCLIPSegLoss(torch.nn.Module):
+    """Total loss and its parts for either model mode.
+
+    forward(out, cond, class_t, obj_t) -> (total scalar, {name: float}).
+    """
+
+    def __init__(self, cfg: LossConfig = LossConfig()):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, out: SegOutput, cond: Conditioning, class_t: torch.Tensor,
+                obj_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.cfg
+        terms = {"os": weighted_bce(out.logits, class_t, c.background_weight)}
+        weights = {"os": c.os}
+        if out.object_logits is not None:
+            part_of = torch.cat([cond.class_part,
+                                 cond.class_part.new_tensor([cond.num_parts])])
+            part_t = torch.where(class_t >= 0, part_of[class_t.clamp(min=0)], IGNORE)
+            terms["obj"] = weighted_bce(out.object_logits, obj_t, c.background_weight)
+            terms["part"] = weighted_bce(out.part_logits, part_t, c.background_weight)
+            weights.update(obj=c.obj, part=c.part)
+            if out.attention is not None and (c.sep or c.enh):
+                terms["sep"], terms["enh"] = attention_losses(
+                    out.attention, cond, class_t, obj_t, c.gamma, c.sep_temperature)
+                weights.update(sep=c.sep, enh=c.enh)
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, {k: float(v.detach()) for k, v in terms.items()}

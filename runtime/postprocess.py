@@ -1,0 +1,103 @@
+"""Logits -> label maps for the two inference settings (DESIGN section 1), numpy only.
+
+Shared by every runtime backend and by evaluation, so measured accuracy is deployed accuracy.
+Label maps are (H, W) int32: a class index in [0, K), or BACKGROUND (-1).
+Probabilities are sigmoid(logits); since sigmoid is monotonic and a zeroed class can never win
+an argmax against the background channel's positive probability, excluding channels is the same
+as zeroing their probabilities, and the argmax runs on logits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .preprocess import InputError
+
+__all__ = ["BACKGROUND", "resize_bilinear", "oracle_obj", "pred_all", "sigmoid"]
+
+BACKGROUND = -1
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # overflow-free
+
+
+def _resize_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) bilinear weights, PyTorch's align_corners=False convention."""
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in), np.float64)
+    np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), i1), frac)
+    return m.astype(np.float32)
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) float -> (C, H, W) float32; equals torch's bilinear, align_corners=False.
+
+    Returns `x` itself (no copy) when it is float32 and already of the requested size.
+    """
+    c, h, w = x.shape
+    if (h, w) == tuple(size):
+        return x.astype(np.float32, copy=False)
+    ry, rx = _resize_matrix(size[0], h), _resize_matrix(size[1], w)
+    return np.einsum("Hh,chw,Ww->cHW", ry, x.astype(np.float32, copy=False), rx, optimize=True)
+
+
+def _argmax_labels(logits: np.ndarray, channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Argmax over the given channel subset (last one = background) -> class labels."""
+    win = resize_bilinear(logits[channels], size).argmax(0)
+    labels = channels[win].astype(np.int32)
+    labels[win == len(channels) - 1] = BACKGROUND
+    return labels
+
+
+def oracle_obj(logits: np.ndarray, class_objects: Sequence[int], object_mask: np.ndarray,
+               object_class: int) -> np.ndarray:
+    """Oracle-Obj: the object's mask and class are given.
+
+    logits: (K + 1, h, w) float, classes then background. class_objects: (K,) object index of
+    each class. object_mask: (H, W) bool at output resolution. Returns (H, W) int32 labels:
+    only classes of `object_class` (or BACKGROUND) inside the mask, BACKGROUND outside.
+    """
+    class_objects = np.asarray(class_objects)
+    k = len(class_objects)
+    if logits.ndim != 3 or logits.shape[0] != k + 1:
+        raise InputError(f"logits must be (K + 1 = {k + 1}, h, w), got {logits.shape}")
+    mask = np.asarray(object_mask)
+    if mask.ndim != 2:
+        raise InputError(f"object_mask must be (H, W), got shape {mask.shape}")
+    own = np.flatnonzero(class_objects == object_class)
+    if len(own) == 0:
+        raise InputError(f"object class {object_class} has no part classes in this vocabulary")
+    labels = _argmax_labels(logits, np.append(own, k), mask.shape)
+    labels[~mask.astype(bool)] = BACKGROUND
+    return labels
+
+
+def pred_all(logits: np.ndarray, class_objects: Sequence[int], size: tuple[int, int],
+             object_logits: np.ndarray | None = None) -> np.ndarray:
+    """Pred-All: no oracle. The object head's argmax (objects + background) gates the classes.
+
+    logits: (K + 1, h, w); object_logits: (O + 1, h, w) or None (CLIPSeg baseline: plain argmax
+    over K + 1). Returns (H, W) int32 labels at `size`.
+    """
+    class_objects = np.asarray(class_objects)
+    k = len(class_objects)
+    if logits.ndim != 3 or logits.shape[0] != k + 1:
+        raise InputError(f"logits must be (K + 1 = {k + 1}, h, w), got {logits.shape}")
+    up = resize_bilinear(logits, size)
+    if np.shares_memory(up, logits):  # same size: never mask the caller's array in place
+        up = up.copy()
+    if object_logits is not None:
+        winner = resize_bilinear(object_logits, size).argmax(0)  # O (last) = background
+        # Where the object head says background no class passes the gate.
+        gate = class_objects[:, None, None] == winner[None]
+        up[:k][~gate] = -np.inf
+    win = up.argmax(0).astype(np.int32)
+    win[win == k] = BACKGROUND
+    return win

@@ -1,0 +1,160 @@
+"""The part vocabulary: objects, generalized parts and the object-specific classes they form.
+
+An object-specific class such as "dog's head" is the pair (object "dog", generalized part "head").
+PartCLIPSeg never encodes the object-specific string; it conditions on the generalized part and the
+object separately. This module is pure Python so the runtime, the data loaders and the model all
+share one definition.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+__all__ = ["Vocabulary", "VocabularyError", "class_name"]
+
+
+class VocabularyError(ValueError):
+    """A vocabulary is malformed, empty, or a requested name is not in it."""
+
+
+def class_name(obj: str, part: str) -> str:
+    """Display name of an object-specific class, in the OV-PARTS style ("dog's head")."""
+    return f"{obj}'s {part}"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Object-specific part classes built from objects and generalized parts.
+
+    Attributes:
+        objects: object category names, e.g. ("dog", "car").
+        parts: generalized part names shared across objects, e.g. ("head", "wheel").
+        classes: one (object index, part index) pair per object-specific class, in canonical
+            class order (the order of label values in annotation PNGs).
+        unseen_objects: names of objects held out from training (zero-shot evaluation).
+    """
+
+    objects: tuple[str, ...]
+    parts: tuple[str, ...]
+    classes: tuple[tuple[int, int], ...]
+    unseen_objects: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objects", tuple(self.objects))
+        object.__setattr__(self, "parts", tuple(self.parts))
+        object.__setattr__(self, "classes", tuple((int(o), int(p)) for o, p in self.classes))
+        object.__setattr__(self, "unseen_objects", frozenset(self.unseen_objects))
+        if not self.classes:
+            raise VocabularyError("empty vocabulary: give at least one (object, part) class")
+        for kind, names in (("object", self.objects), ("part", self.parts)):
+            if len(set(names)) != len(names):
+                dup = sorted({n for n in names if names.count(n) > 1})
+                raise VocabularyError(f"duplicate {kind} names: {dup}")
+            if any(not isinstance(n, str) or not n.strip() for n in names):
+                raise VocabularyError(f"{kind} names must be non-empty strings")
+        if len(set(self.classes)) != len(self.classes):
+            raise VocabularyError("duplicate (object, part) classes")
+        for o, p in self.classes:
+            if not (0 <= o < len(self.objects) and 0 <= p < len(self.parts)):
+                raise VocabularyError(f"class ({o}, {p}) indexes outside objects/parts")
+        unknown = self.unseen_objects - set(self.objects)
+        if unknown:
+            raise VocabularyError(f"unseen objects not in the object list: {sorted(unknown)}")
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_names(
+        cls, names: Iterable[tuple[str, str]], unseen_objects: Iterable[str] = ()
+    ) -> "Vocabulary":
+        """Build from (object, part) name pairs in canonical class order."""
+        pairs = list(names)
+        objects: list[str] = []
+        parts: list[str] = []
+        for o, p in pairs:
+            if o not in objects:
+                objects.append(o)
+            if p not in parts:
+                parts.append(p)
+        classes = [(objects.index(o), parts.index(p)) for o, p in pairs]
+        return cls(tuple(objects), tuple(parts), tuple(classes), frozenset(unseen_objects))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON- and `torch.load(weights_only=True)`-safe representation."""
+        return {
+            "objects": list(self.objects),
+            "parts": list(self.parts),
+            "classes": [list(c) for c in self.classes],
+            "unseen_objects": sorted(self.unseen_objects),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Vocabulary":
+        try:
+            return cls(
+                tuple(d["objects"]),
+                tuple(d["parts"]),
+                tuple(tuple(c) for c in d["classes"]),
+                frozenset(d.get("unseen_objects", ())),
+            )
+        except (KeyError, TypeError) as e:
+            raise VocabularyError(f"malformed vocabulary record ({e!r}); expected keys "
+                                  "objects, parts, classes, unseen_objects") from e
+
+    # -- views --------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(class_name(self.objects[o], self.parts[p]) for o, p in self.classes)
+
+    @property
+    def class_objects(self) -> tuple[int, ...]:
+        """Object index of each class."""
+        return tuple(o for o, _ in self.classes)
+
+    @property
+    def class_parts(self) -> tuple[int, ...]:
+        """Generalized-part index of each class."""
+        return tuple(p for _, p in self.classes)
+
+    @property
+    def class_seen(self) -> tuple[bool, ...]:
+        return tuple(self.objects[o] not in self.unseen_objects for o, _ in self.classes)
+
+    def object_classes(self, obj: int) -> tuple[int, ...]:
+        """Indices of the classes that belong to object `obj`."""
+        return tuple(k for k, (o, _) in enumerate(self.classes) if o == obj)
+
+    def index(self, name: str) -> int:
+        """Index of an object-specific class name; unknown names get close matches suggested."""
+        names = self.class_names
+        if name in names:
+            return names.index(name)
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise VocabularyError(f"unknown class {name!r}{hint} (the vocabulary has "
+                              f"{len(names)} classes; see Vocabulary.class_names)")
+
+    def object_index(self, name: str) -> int:
+        if name in self.objects:
+            return self.objects.index(name)
+        close = difflib.get_close_matches(name, self.objects, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise VocabularyError(f"unknown object {name!r}{hint}")
+
+    def subset(self, class_indices: Sequence[int]) -> "Vocabulary":
+        """A vocabulary with only the given classes (objects/parts pruned to those used)."""
+        if len(class_indices) == 0:
+            raise VocabularyError("empty class subset")
+        pairs = [(self.objects[self.classes[k][0]], self.parts[self.classes[k][1]])
+                 for k in class_indices]
+        unseen = {o for o, _ in pairs if o in self.unseen_objects}
+        return Vocabulary.from_names(pairs, unseen)
+
+    def seen_subset(self) -> "Vocabulary":
+        """The training vocabulary: classes of seen objects only."""
+        return self.subset([k for k, s in enumerate(self.class_seen) if s])

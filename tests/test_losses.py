@@ -1,0 +1,98 @@
+"""Loss functions against naive reference computations."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from partclipseg.model.partclipseg import Conditioning  # noqa: E402
+from partclipseg.training.losses import (IGNORE, attention_losses, build_targets,  # noqa: E402
+                                         weighted_bce)
+
+
+def test_weighted_bce_matches_one_hot_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 8, 8, generator=g)
+    target = torch.randint(-1, 5, (2, 8, 8), generator=g)
+    onehot = F.one_hot(target.clamp(min=0), 5).permute(0, 3, 1, 2).float()
+    w = torch.tensor([1, 1, 1, 1, 0.05]).view(1, 5, 1, 1)
+    ref = F.binary_cross_entropy_with_logits(logits, onehot, weight=w, reduction="none")
+    valid = (target >= 0).unsqueeze(1)
+    ref = (ref * valid).sum() / (valid.sum() * 5)
+    torch.testing.assert_close(weighted_bce(logits, target, 0.05), ref)
+
+
+def test_build_targets_conventions():
+    part = torch.tensor([[0, 255, 255, 1]])
+    obj = torch.tensor([[0, 0, 255, -1]])  # object pixel w/o part, background, unseen object
+    c, o = build_targets(part[None], obj[None], num_classes=2, num_objects=1)
+    assert c.tolist() == [[[0, IGNORE, 2, IGNORE]]]
+    assert o.tolist() == [[[0, 0, 1, IGNORE]]]
+
+
+def _cond(num_parts: int, class_part: list[int], class_object: list[int]) -> Conditioning:
+    z = torch.zeros(1, 1)
+    return Conditioning(z, z, num_parts, max(class_object) + 1, z, z,
+                        torch.tensor(class_part), torch.tensor(class_object))
+
+
+def _hard_sep(maps: torch.Tensor, inside: torch.Tensor, gamma: float) -> float:
+    claims = (maps > gamma) & inside.bool()
+    return float(((claims.sum(0) > 1) & inside.bool()).sum() / inside.sum())
+
+
+def test_soft_sep_equals_hard_ratio_for_confident_claims():
+    """With a sharp temperature the relaxation reproduces the paper's hard overlap ratio."""
+    g, s = 4, 64
+    # Attention where every query of part j looks at a fixed key set: claims are then known.
+    n = g * g
+    attn = torch.zeros(1, 3, n, n)  # conditions: part0, part1, object0 (background unused)
+    keys0 = torch.zeros(n); keys0[:10] = 1
+    keys1 = torch.zeros(n); keys1[6:14] = 1
+    obj_keys = torch.ones(n) / n
+    attn[0, 0] = keys0 / keys0.sum()
+    attn[0, 1] = keys1 / keys1.sum()
+    attn[0, 2] = obj_keys
+    class_t = torch.full((1, s, s), 2)  # 2 = background for K = 2
+    obj_t = torch.full((1, s, s), 1)  # 1 = background for O = 1
+    obj_t[0, :, :] = 0  # the object covers the whole image
+    class_t[0, : s // 2] = 0
+    class_t[0, s // 2:] = 1
+    cond = _cond(2, [0, 1], [0, 0])
+    l_sep, l_enh = attention_losses(attn, cond, class_t, obj_t, gamma=0.3, tau=1e-4)
+    # Reference: rebuild the same maps with the documented recipe, threshold hard.
+    blur = torch.tensor([1.0, 2.0, 1.0])
+    blur = (blur[:, None] * blur[None] / 16).view(1, 1, 3, 3)
+    maps = []
+    for j in (0, 1):
+        pooled = 0.5 * (attn[0, j].mean(0) + attn[0, 2].mean(0))  # every query row identical
+        m = F.conv2d(pooled.view(1, 1, g, g), blur, padding=1).flatten()
+        maps.append((m - m.min()) / (m.max() - m.min()))
+    maps = torch.stack(maps)
+    inside = torch.ones(n)
+    assert abs(float(l_sep) - _hard_sep(maps, inside, 0.3)) < 1e-3
+    assert 0 < float(l_sep) < 1
+    assert abs(float(l_enh) - (1 - float(maps.max(1).values.min()))) < 1e-5
+
+
+def test_attention_losses_are_differentiable():
+    g, s = 4, 32
+    logits = torch.randn(1, 3, g * g, g * g, requires_grad=True)
+    attn = logits.softmax(-1)
+    class_t = torch.full((1, s, s), 2)
+    obj_t = torch.zeros(1, s, s, dtype=torch.long)
+    class_t[0, :16], class_t[0, 16:] = 0, 1
+    l_sep, l_enh = attention_losses(attn, _cond(2, [0, 1], [0, 0]), class_t, obj_t)
+    (l_sep + l_enh).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_attention_losses_without_objects_are_zero_with_graph():
+    attn = torch.rand(1, 3, 16, 16, requires_grad=True)
+    class_t = torch.full((1, 32, 32), 2)
+    obj_t = torch.full((1, 32, 32), 1)
+    l_sep, l_enh = attention_losses(attn, _cond(2, [0, 1], [0, 0]), class_t, obj_t)
+    assert l_sep.item() == 0 and l_enh.item() == 0
+    (l_sep + l_enh).backward()  # still part of the graph: no error in mixed batches

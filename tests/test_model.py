@@ -1,0 +1,143 @@
+"""The PartCLIPSeg model: shapes, trimming, attention, gradients, frozen parts, equivalences."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_batch
+
+torch = pytest.importorskip("torch")
+
+from partclipseg.config import ConfigError, load_model_config  # noqa: E402
+from partclipseg.model import build_model  # noqa: E402
+from partclipseg.training.losses import PartCLIPSegLoss, build_targets  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {mode: build_model("tiny", mode=mode) for mode in ("partclipseg", "clipseg")}
+
+
+@pytest.mark.parametrize("mode", ["partclipseg", "clipseg"])
+def test_output_shapes(models, vocab, mode):
+    m = models[mode]
+    x, _, _ = make_batch(torch)
+    out = m(x, vocab, need_attention=True)
+    k, p, o, s, g = vocab.num_classes, len(vocab.parts), len(vocab.objects), 160, 10
+    assert out.logits.shape == (2, k + 1, s, s)
+    if mode == "partclipseg":
+        assert out.object_logits.shape == (2, o + 1, s, s)
+        assert out.part_logits.shape == (2, p + 1, s, s)
+        assert out.attention.shape == (2, p + o + 1, g * g, g * g)
+    else:
+        assert out.object_logits is None and out.part_logits is None
+        assert out.attention.shape == (2, k + 1, g * g, g * g)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_vit_is_trimmed_and_pos_embed_resized(models):
+    m = models["partclipseg"]
+    assert len(m.vit.blocks) == m.cfg.extract_layers[-1] + 1  # blocks past the last tap deleted
+    assert m.vit.positional_embedding.shape == (1 + m.cfg.grid_size ** 2, m.cfg.vision_width)
+
+
+def test_attention_maps_are_probabilities(models, vocab):
+    m = models["partclipseg"]
+    x, _, _ = make_batch(torch)
+    attn = m(x, vocab, need_attention=True).attention
+    assert (attn >= 0).all()
+    # Rows over all keys sum to 1; CLS dropped, so what is left sums to at most 1.
+    rows = attn.sum(-1)
+    assert (rows <= 1 + 1e-5).all() and (rows > 0.5).all()
+    # The explicit-softmax path and the fused SDPA path agree.
+    with torch.no_grad():
+        a = m(x, vocab, need_attention=True).logits
+        b = m(x, vocab, need_attention=False).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conditions_are_independent_batch_members(models, vocab):
+    """A class's logits do not depend on which other classes are in the vocabulary."""
+    m = models["partclipseg"]
+    x, _, _ = make_batch(torch)
+    keep = [0, 1, 2]  # the quadruped's classes only
+    with torch.no_grad():
+        full = m(x, vocab).logits
+        sub = m(x, vocab.subset(keep)).logits
+    torch.testing.assert_close(sub[:, :3], full[:, keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sub[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_all_trainable_and_no_frozen(models, vocab):
+    m = models["partclipseg"]
+    m.zero_grad(set_to_none=True)
+    x, part, obj = make_batch(torch)
+    cond = m.encode_vocabulary(vocab)
+    out = m.forward_image(x, cond, need_attention=True)
+    loss, terms = PartCLIPSegLoss()(out, cond, *build_targets(part, obj, vocab.num_classes,
+                                                             len(vocab.objects)))
+    assert set(terms) == {"os", "obj", "part", "sep", "enh"}
+    loss.backward()
+    trainable = dict(m.trainable_parameters())
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    leaked = [n for n, p in m.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert leaked == []
+    # The frozen CLIP image tower, text transformer and projection stay frozen.
+    assert not any(p.requires_grad for p in m.vit.parameters())
+    assert not m.text.text_projection.requires_grad
+    assert m.text.token_embedding.weight.requires_grad
+    m.zero_grad(set_to_none=True)
+
+
+def test_clipseg_baseline_gradients(models, vocab):
+    m = models["clipseg"]
+    m.zero_grad(set_to_none=True)
+    x, part, obj = make_batch(torch)
+    cond = m.encode_vocabulary(vocab)
+    loss, terms = PartCLIPSegLoss()(m.forward_image(x, cond), cond,
+                                    *build_targets(part, obj, vocab.num_classes, len(vocab.objects)))
+    assert set(terms) == {"os"}
+    loss.backward()
+    assert all(p.grad is not None for _, p in m.trainable_parameters())
+    m.zero_grad(set_to_none=True)
+
+
+def test_stage2_starts_as_copy_of_stage1(models):
+    m = models["partclipseg"]
+    for a, b in zip(m.head.parameters(), m.head2.parameters()):
+        assert a is not b
+    fresh = build_model("tiny")
+    for a, b in zip(fresh.film.parameters(), fresh.film2.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_adapters_switch_off_gives_plain_clipseg_decoder():
+    m = build_model("tiny", adapters=False)
+    assert m.adapters is None
+    assert not any("adapters" in n for n, _ in m.named_parameters())
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="shipped configs"):
+        load_model_config("no_such_model")
+    with pytest.raises(ConfigError, match="extract_layers"):
+        load_model_config("tiny", extract_layers=[3, 6, 12])
+    with pytest.raises(ConfigError, match="mode"):
+        load_model_config("tiny", mode="maskformer")
+
+
+def test_vit_b16_reference_config_shapes():
+    cfg = load_model_config("vit_b16")
+    assert (cfg.image_size, cfg.grid_size, cfg.vision_width) == (352, 22, 768)
+    assert cfg.extract_layers == (3, 6, 9) and cfg.reduce_dim == 64
+
+
+@pytest.mark.slow
+def test_vit_b16_builds_and_runs(vocab):
+    m = build_model("vit_b16").eval()
+    assert len(m.vit.blocks) == 10
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 352, 352), vocab)
+    assert out.logits.shape == (1, vocab.num_classes + 1, 352, 352)
