@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from partclipseg.model.partclipseg import Conditioning  # noqa: E402
+from runtime.vocabulary import Vocabulary  # noqa: E402
 from partclipseg.training.losses import (IGNORE, attention_losses, build_targets,  # noqa: E402
                                          weighted_bce)
 
@@ -32,10 +32,8 @@ def test_build_targets_conventions():
     assert o.tolist() == [[[0, 0, 1, IGNORE]]]
 
 
-def _cond(num_parts: int, class_part: list[int], class_object: list[int]) -> Conditioning:
-    z = torch.zeros(1, 1)
-    return Conditioning(z, z, num_parts, max(class_object) + 1, z, z,
-                        torch.tensor(class_part), torch.tensor(class_object))
+# Conditions: part0, part1, object0, background; classes (object0, part0), (object0, part1).
+TWO_PARTS = Vocabulary.from_names([("thing", "a"), ("thing", "b")])
 
 
 def _hard_sep(maps: torch.Tensor, inside: torch.Tensor, gamma: float) -> float:
@@ -60,8 +58,7 @@ def test_soft_sep_equals_hard_ratio_for_confident_claims():
     obj_t[0, :, :] = 0  # the object covers the whole image
     class_t[0, : s // 2] = 0
     class_t[0, s // 2:] = 1
-    cond = _cond(2, [0, 1], [0, 0])
-    l_sep, l_enh = attention_losses(attn, cond, class_t, obj_t, gamma=0.3, tau=1e-4)
+    l_sep, l_enh = attention_losses(attn, TWO_PARTS, class_t, obj_t, gamma=0.3, tau=1e-4)
     # Reference: rebuild the same maps with the documented recipe, threshold hard.
     blur = torch.tensor([1.0, 2.0, 1.0])
     blur = (blur[:, None] * blur[None] / 16).view(1, 1, 3, 3)
@@ -84,7 +81,7 @@ def test_attention_losses_are_differentiable():
     class_t = torch.full((1, s, s), 2)
     obj_t = torch.zeros(1, s, s, dtype=torch.long)
     class_t[0, :16], class_t[0, 16:] = 0, 1
-    l_sep, l_enh = attention_losses(attn, _cond(2, [0, 1], [0, 0]), class_t, obj_t)
+    l_sep, l_enh = attention_losses(attn, TWO_PARTS, class_t, obj_t)
     (l_sep + l_enh).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
@@ -93,6 +90,6 @@ def test_attention_losses_without_objects_are_zero_with_graph():
     attn = torch.rand(1, 3, 16, 16, requires_grad=True)
     class_t = torch.full((1, 32, 32), 2)
     obj_t = torch.full((1, 32, 32), 1)
-    l_sep, l_enh = attention_losses(attn, _cond(2, [0, 1], [0, 0]), class_t, obj_t)
+    l_sep, l_enh = attention_losses(attn, TWO_PARTS, class_t, obj_t)
     assert l_sep.item() == 0 and l_enh.item() == 0
     (l_sep + l_enh).backward()  # still part of the graph: no error in mixed batches

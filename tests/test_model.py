@@ -75,7 +75,7 @@ def test_gradients_reach_all_trainable_and_no_frozen(models, vocab):
     x, part, obj = make_batch(torch)
     cond = m.encode_vocabulary(vocab)
     out = m.forward_image(x, cond, need_attention=True)
-    loss, terms = PartCLIPSegLoss()(out, cond, *build_targets(part, obj, vocab.num_classes,
+    loss, terms = PartCLIPSegLoss()(out, vocab, *build_targets(part, obj, vocab.num_classes,
                                                              len(vocab.objects)))
     assert set(terms) == {"os", "obj", "part", "sep", "enh"}
     loss.backward()
@@ -96,7 +96,7 @@ def test_clipseg_baseline_gradients(models, vocab):
     m.zero_grad(set_to_none=True)
     x, part, obj = make_batch(torch)
     cond = m.encode_vocabulary(vocab)
-    loss, terms = PartCLIPSegLoss()(m.forward_image(x, cond), cond,
+    loss, terms = PartCLIPSegLoss()(m.forward_image(x, cond), vocab,
                                     *build_targets(part, obj, vocab.num_classes, len(vocab.objects)))
     assert set(terms) == {"os"}
     loss.backward()

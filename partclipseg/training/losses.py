@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.partclipseg import Conditioning, SegOutput
+from runtime.vocabulary import Vocabulary
+
+from ..model.partclipseg import SegOutput
 
 __all__ = ["LossConfig", "PartCLIPSegLoss", "build_targets", "weighted_bce",
            "attention_losses", "IGNORE", "DATA_IGNORE", "DATA_BACKGROUND"]
@@ -88,19 +90,18 @@ _BLUR = torch.tensor([1.0, 2.0, 1.0])
 _BLUR = (_BLUR[:, None] * _BLUR[None, :] / 16).view(1, 1, 3, 3)  # 3x3 Gaussian, sigma ~0.85
 
 
-def attention_losses(attention: torch.Tensor, cond: Conditioning, class_t: torch.Tensor,
+def attention_losses(attention: torch.Tensor, vocab: Vocabulary, class_t: torch.Tensor,
                      obj_t: torch.Tensor, gamma: float = 0.3, tau: float = 0.05
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_sep, L_enh), both scalars in [0, 1].
 
-    attention: (B, C1, g*g, g*g) stage-1 last-block attention (CLS dropped); class_t/obj_t:
-    (B, S, S) targets from `build_targets`.
+    attention: (B, P + O + 1, g*g, g*g) stage-1 last-block attention (CLS dropped) for the
+    conditions of `vocab`; class_t/obj_t: (B, S, S) targets from `build_targets`.
     """
     b, _, n, _ = attention.shape
     g = int(round(n ** 0.5))
-    k, p = cond.class_part.shape[0], cond.num_parts
-    class_part = cond.class_part.tolist()
-    class_object = cond.class_object.tolist()
+    k, p = vocab.num_classes, len(vocab.parts)
+    class_part, class_object = vocab.class_parts, vocab.class_objects
     # Enumerate (image, object, part class) triples present in the ground truth: integer work.
     pair_img, pair_cls, pair_obj, pair_inst, inst_img, inst_obj = [], [], [], [], [], []
     for i in range(b):
@@ -169,28 +170,27 @@ def attention_losses(attention: torch.Tensor, cond: Conditioning, class_t: torch
 class PartCLIPSegLoss(torch.nn.Module):
     """Total loss and its parts for either model mode.
 
-    forward(out, cond, class_t, obj_t) -> (total scalar, {name: float}).
+    forward(out, vocab, class_t, obj_t) -> (total scalar, {name: float}).
     """
 
     def __init__(self, cfg: LossConfig = LossConfig()):
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, out: SegOutput, cond: Conditioning, class_t: torch.Tensor,
+    def forward(self, out: SegOutput, vocab: Vocabulary, class_t: torch.Tensor,
                 obj_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg
         terms = {"os": weighted_bce(out.logits, class_t, c.background_weight)}
         weights = {"os": c.os}
         if out.object_logits is not None:
-            part_of = torch.cat([cond.class_part,
-                                 cond.class_part.new_tensor([cond.num_parts])])
+            part_of = torch.tensor(vocab.class_parts + (len(vocab.parts),), device=class_t.device)
             part_t = torch.where(class_t >= 0, part_of[class_t.clamp(min=0)], IGNORE)
             terms["obj"] = weighted_bce(out.object_logits, obj_t, c.background_weight)
             terms["part"] = weighted_bce(out.part_logits, part_t, c.background_weight)
             weights.update(obj=c.obj, part=c.part)
             if out.attention is not None and (c.sep or c.enh):
                 terms["sep"], terms["enh"] = attention_losses(
-                    out.attention, cond, class_t, obj_t, c.gamma, c.sep_temperature)
+                    out.attention, vocab, class_t, obj_t, c.gamma, c.sep_temperature)
                 weights.update(sep=c.sep, enh=c.enh)
         total = sum(weights[k] * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}

@@ -1,0 +1,155 @@
+"""`partclipseg` command line: synth, train, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="partclipseg", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="generate the SynthParts dataset (OV-PARTS Pascal layout)")
+    s.add_argument("--out", required=True, help="dataset folder to write")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=_nonneg, default=800, help="training images (default 800)")
+    s.add_argument("--val", type=_nonneg, default=200, help="validation images (default 200)")
+    s.add_argument("--image-size", type=_positive, default=160)
+
+    t = sub.add_parser("train", help="train PartCLIPSeg (or the CLIPSeg baseline)")
+    t.add_argument("--config", required=True,
+                   help="training YAML: a path or a shipped name (synthparts_tiny, ...)")
+    t.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.csv")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    t.add_argument("--data-root", help="override data.root of the config")
+    t.add_argument("--steps", type=_positive, help="override the number of steps")
+    t.add_argument("--mode", choices=["partclipseg", "clipseg"], help="override the model mode")
+    t.add_argument("--seed", type=int, help="override the seed")
+    t.add_argument("--sep", type=float, help="override the L_sep weight (0 = ablate)")
+    t.add_argument("--enh", type=float, help="override the L_enh weight (0 = ablate)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (seen / unseen / h-IoU)")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--data", help="dataset folder (default: the checkpoint's training data)")
+    e.add_argument("--kind", help="dataset kind (default: the checkpoint's)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--setting", choices=["oracle-obj", "pred-all"], default="oracle-obj")
+    e.add_argument("--json", help="write the metrics (with the per-class table) here")
+    e.add_argument("--limit", type=_positive, help="evaluate the first N samples only")
+    e.add_argument("--device", default=None)
+
+    d = sub.add_parser("demo", help="the whole pipeline on SynthParts in minutes on a CPU")
+    d.add_argument("--out", default="demo", help="output folder (default ./demo)")
+    d.add_argument("--steps", type=_positive, help="training steps (default: the config's)")
+    d.add_argument("--config", default="synthparts_tiny")
+    return p
+
+
+def _positive(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return n
+
+
+def _nonneg(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return n
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .data.synthparts import generate
+
+    path = generate(a.out, seed=a.seed, n_train=a.train, n_val=a.val, image_size=a.image_size)
+    print(f"SynthParts written to {path}")
+    return 0
+
+
+def _train_config(a: argparse.Namespace) -> Any:
+    from .training.config import load_train_config
+
+    cfg = load_train_config(a.config)
+    if a.data_root:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, root=a.data_root))
+    if a.steps:
+        cfg = cfg.replace(steps=a.steps, eval_every=min(cfg.eval_every, a.steps))
+    if a.mode:
+        cfg = cfg.replace(model_overrides={**cfg.model_overrides, "mode": a.mode})
+    if a.seed is not None:
+        cfg = cfg.replace(seed=a.seed)
+    if a.sep is not None or a.enh is not None:
+        loss = cfg.loss
+        cfg = cfg.replace(loss=dataclasses.replace(
+            loss, sep=loss.sep if a.sep is None else a.sep, enh=loss.enh if a.enh is None else a.enh))
+    return cfg
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .training.trainer import train
+
+    result = train(_train_config(a), a.out, resume=a.resume, device=a.device)
+    if result:
+        print(f"best {result['best_score']:.2f} h-IoU; checkpoints in {result['out']}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import atomic_write, load_model
+    from .evaluation.evaluate import eval_dataset, evaluate
+    from .evaluation.metrics import format_table
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, vocab, record = load_model(a.ckpt, map_location=device)
+    data_cfg = record.get("train_config", {}).get("data", {})
+    root, kind = a.data or data_cfg.get("root"), a.kind or data_cfg.get("kind", "synthparts")
+    if not root:
+        raise SystemExit("--data is required: the checkpoint does not name its dataset")
+    dataset = eval_dataset(kind, root, a.split, a.setting)
+    result = evaluate(model, dataset, a.setting, limit=a.limit)
+    print(format_table(result))
+    if a.json:
+        text = json.dumps(result, indent=2, default=float)
+        atomic_write(a.json, lambda tmp: Path(tmp).write_text(text))
+        print(f"metrics written to {a.json}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(a.out), config=a.config, steps=a.steps)
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"partclipseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The training loop: one process, or many under `torchrun` (DistributedDataParallel).
+
+Resumable to the step: the data order and augmentation depend only on (seed, epoch, index), and
+`last.pt` stores weights, optimizer, scheduler, step and RNG states, so `--resume` continues the
+same run. Rank 0 alone evaluates and writes checkpoints (atomically).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.datasets import load_dataset
+from ..evaluation.evaluate import eval_dataset, evaluate
+from ..model import build_model
+from .config import TrainConfig
+from .data import TrainSamples
+from .losses import PartCLIPSegLoss, build_targets
+
+__all__ = ["train", "param_groups", "poly_lr", "epoch_indices"]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases and embeddings (paper)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embedding" in name or name.endswith("background")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def poly_lr(step: int, total: int, power: float, warmup: int = 0) -> float:
+    """LR multiplier: linear warm-up, then (1 - step/total)^power."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1 - step / max(1, total)) ** power
+
+
+def epoch_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """This rank's shard of the epoch's permutation (equal-size shards, tail dropped)."""
+    perm = np.random.default_rng((seed, epoch, 7)).permutation(n)
+    per_rank = n // world
+    return perm[: per_rank * world][rank::world]
+
+
+def _batches(samples: TrainSamples, cfg: TrainConfig, rank: int, world: int, epoch: int,
+             offset: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """Endless (epoch, batch index, batch) stream starting at `epoch`, batch `offset`."""
+    local = cfg.batch_size // world
+    while True:
+        samples.epoch = epoch
+        idx = epoch_indices(len(samples), cfg.seed, epoch, rank, world)
+        n_batches = len(idx) // local
+        if n_batches == 0:
+            raise ValueError(f"dataset of {len(samples)} samples is smaller than one batch")
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(samples, idx[offset * local: n_batches * local].tolist()),
+            batch_size=local, num_workers=cfg.num_workers, shuffle=False, drop_last=True,
+            persistent_workers=False)
+        for b, batch in enumerate(loader, start=offset):
+            yield epoch, b, batch
+        epoch, offset = epoch + 1, 0
+
+
+def _ensure_synthparts(cfg: TrainConfig, rank: int) -> None:
+    root = Path(cfg.data.root)
+    if cfg.data.kind == "synthparts" and not (root / "classes.json").is_file():
+        if rank == 0:
+            from ..data.synthparts import generate
+            generate(root, seed=cfg.data.synth_seed, n_train=cfg.data.synth_train,
+                     n_val=cfg.data.synth_val)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train with `cfg`, writing `out/{last,best}.pt` and `out/metrics.csv`.
+
+    Returns the best validation metrics seen (rank 0) or {} (other ranks).
+    """
+    out = Path(out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    _ensure_synthparts(cfg, rank)
+    train_set = load_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split, per_object=False)
+    full_vocab = train_set.vocabulary
+    vocab = full_vocab.seen_subset()  # unseen objects: never named, their pixels ignored
+    model = build_model(cfg.model, **dict(cfg.model_overrides)).to(dev)
+    samples = TrainSamples(train_set, vocab, model.cfg.image_size, cfg.seed, cfg.hflip,
+                           cfg.scale_range)
+    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: poly_lr(s, cfg.steps, cfg.poly_power, cfg.warmup_steps))
+    step, epoch, offset, best, history = 0, 0, 0, -math.inf, []
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(f"--resume: {last_path} does not exist; start without "
+                                    "--resume or point --out at the run to continue")
+        rec = load_checkpoint(last_path, map_location=dev)
+        model.load_state_dict(rec["state_dict"])
+        optim.load_state_dict(rec["optimizer"])
+        sched.load_state_dict(rec["scheduler"])
+        step, epoch, offset = rec["step"], rec["epoch"], rec["batch_in_epoch"]
+        best = rec.get("best_score", -math.inf)
+        torch.set_rng_state(rec["rng"]["torch"].cpu())
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model
+    loss_fn = PartCLIPSegLoss(cfg.loss)
+    need_attention = model.cfg.mode == "partclipseg" and bool(cfg.loss.sep or cfg.loss.enh)
+    amp = cfg.amp and dev.type == "cuda"
+    val_cache: dict[str, Any] = {}
+
+    def save(path: Path, metrics: dict[str, Any] | None = None) -> None:
+        save_checkpoint(path, model, full_vocab, cfg.to_dict(), extra={
+            "optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            "epoch": epoch, "batch_in_epoch": offset, "best_score": best,
+            "rng": {"torch": torch.get_rng_state()}, "metrics": _plain(metrics or {})})
+
+    def run_eval() -> dict[str, Any]:
+        if cfg.eval_setting not in val_cache:
+            val_cache[cfg.eval_setting] = eval_dataset(cfg.data.kind, cfg.data.root,
+                                                       cfg.data.val_split, cfg.eval_setting)
+        return evaluate(model, val_cache[cfg.eval_setting], cfg.eval_setting, full_vocab,
+                        limit=cfg.data.val_limit, progress=progress)
+
+    csv_path = out / "metrics.csv"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    stream = _batches(samples, cfg, rank, world, epoch, offset)
+    model.train()
+    t0, seen_images = time.perf_counter(), 0
+    while step < cfg.steps:
+        epoch, b, (images, part, obj) = next(stream)
+        images, part, obj = images.to(dev), part.to(dev), obj.to(dev)
+        class_t, obj_t = build_targets(part, obj, vocab.num_classes, len(vocab.objects))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            output = ddp(images, vocab, need_attention=need_attention)
+        loss, terms = loss_fn(_float(output), vocab, class_t, obj_t)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optim.step()
+        sched.step()
+        step, offset = step + 1, b + 1
+        seen_images += images.shape[0] * world
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"loss is {float(loss)} at step {step}: lower lr or check data")
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            rate = seen_images / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.1f}")
+            _append_csv(csv_path, {"step": step, "lr": sched.get_last_lr()[0],
+                                   "loss": float(loss), **terms, "images_per_s": rate})
+        bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            if rank == 0:
+                metrics = run_eval()
+                score = metrics["h_iou"] if math.isfinite(metrics["h_iou"]) else metrics["miou_seen"]
+                _append_csv(csv_path, {"step": step, **{f"val_{k}": v for k, v in metrics.items()
+                                                        if isinstance(v, float)}})
+                history.append({"step": step, **_headline(metrics)})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                      _headline(metrics).items()))
+                if score > best:
+                    best = score
+                    save(best_path, metrics)
+                save(last_path, metrics)
+            if distributed:
+                dist.barrier()
+    bar.close()
+    if rank != 0:
+        return {}
+    return {"best_score": best, "history": history, "out": str(out)}
+
+
+def _float(out: Any) -> Any:
+    """Losses in float32 whatever the autocast dtype."""
+    for f in ("logits", "object_logits", "part_logits", "attention"):
+        t = getattr(out, f)
+        if t is not None:
+            setattr(out, f, t.float())
+    return out
+
+
+def _headline(m: dict[str, Any]) -> dict[str, float]:
+    return {k: float(m[k]) for k in ("miou_seen", "miou_unseen", "h_iou") if k in m}
+
+
+def _plain(m: dict[str, Any]) -> dict[str, Any]:
+    """Metrics without the per-class list, as a weights_only-safe dict."""
+    return {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["key", "value", "step"])
+        for k, v in row.items():
+            if k != "step":
+                w.writerow([k, v, row["step"]])
