@@ -89,10 +89,12 @@ def _ensure_synthparts(cfg: TrainConfig, rank: int) -> None:
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Train with `cfg`, writing `out/{last,best}.pt` and `out/metrics.csv`.
 
-    Returns the best validation metrics seen (rank 0) or {} (other ranks).
+    `stop_at` ends the run early after that step (writing last.pt), as a time-boxed job or an
+    interruption would; `resume=True` then continues it to `cfg.steps`.
+    Returns {"best_score", "history", "out"} on rank 0, {} on other ranks.
     """
     out = Path(out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -163,7 +165,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     stream = _batches(samples, cfg, rank, world, epoch, offset)
     model.train()
     t0, seen_images = time.perf_counter(), 0
-    while step < cfg.steps:
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    while step < end:
         epoch, b, (images, part, obj) = next(stream)
         images, part, obj = images.to(dev), part.to(dev), obj.to(dev)
         class_t, obj_t = build_targets(part, obj, vocab.num_classes, len(vocab.objects))
@@ -201,6 +204,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
                 save(last_path, metrics)
             if distributed:
                 dist.barrier()
+    if step < cfg.steps and step % cfg.eval_every and rank == 0:
+        save(last_path)  # stopped early between evaluations
     bar.close()
     if rank != 0:
         return {}
