@@ -29,6 +29,10 @@ FORMAT = "partclipseg-checkpoint"
 FORMAT_VERSION = 1
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt, foreign or of an unsupported version."""
 
@@ -39,6 +43,7 @@ def atomic_write(path: str | Path, write: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -21,10 +21,14 @@ Graph inputs (D = decoder width, S = input size; P parts, O objects, K classes):
 Graph outputs:
   logits          (B, K + 1, S, S) float32  classes, background last
   object_logits   (B, O + 1, S, S) float32  objects, background last           [partclipseg]
+
+Every file is listed in the manifest with its size and SHA-256, so a truncated or swapped file
+is named at load time instead of failing deep inside a backend.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ from .vocabulary import Vocabulary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "IMAGE", "LOGITS", "OBJECT_LOGITS", "VOCAB_INPUTS",
            "inputs_for_mode", "outputs_for_mode", "BundleError", "Manifest", "read_manifest",
-           "read_vocab", "MANIFEST", "VOCAB_FILE", "ONNX_FP32", "ONNX_FP16", "ENGINE",
+           "read_vocab", "file_entry", "MANIFEST", "VOCAB_FILE", "ONNX_FP32", "ONNX_FP16", "ENGINE",
            "TIMING_CACHE"]
 
 FORMAT = "partclipseg-bundle"
@@ -80,7 +84,7 @@ class Manifest:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     vocabulary: Vocabulary
-    files: dict[str, str]
+    files: dict[str, dict[str, Any]]
     raw: dict[str, Any]
 
     @property
@@ -93,10 +97,19 @@ class Manifest:
             raise BundleError(f"bundle {self.root} has no {key!r} file (has: "
                               f"{sorted(self.files)}); re-export it with python -m export.onnx"
                               + (" / export.trt" if key == "engine" else ""))
-        p = self.root / self.files[key]
+        entry = self.files[key]
+        p = self.root / entry["path"]
         if not p.is_file():
             raise BundleError(f"bundle file {p} is missing; re-export the bundle")
+        size = p.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise BundleError(f"bundle file {p} has {size} bytes, the manifest says "
+                              f"{entry['bytes']}: it is truncated or was replaced; re-export the "
+                              "bundle")
         return p
+
+    def has(self, key: str) -> bool:
+        return key in self.files
 
 
 def read_manifest(bundle: str | Path) -> Manifest:
@@ -120,9 +133,19 @@ def read_manifest(bundle: str | Path) -> Manifest:
         return Manifest(path=path, mode=raw["mode"], input_size=int(raw["input_size"]),
                         mean=tuple(raw["mean"]), std=tuple(raw["std"]),
                         vocabulary=Vocabulary.from_dict(raw["vocabulary"]),
-                        files=dict(raw["files"]), raw=raw)
-    except (KeyError, TypeError, ValueError) as e:
+                        files={k: dict(v) for k, v in raw["files"].items()}, raw=raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{path} lacks a valid field ({e!r}); re-export the bundle") from e
+
+
+def file_entry(root: Path, name: str) -> dict[str, Any]:
+    """Manifest record of a bundle file: relative path, size and SHA-256."""
+    path = Path(root) / name
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return {"path": name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:

@@ -184,14 +184,25 @@ class PartCLIPSeg(nn.Module):
     def stage2_features(self, feats: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Stage-1 features (B, C, g, g, D) -> FiLM'-modulated class features (B, K, g, g, D)."""
         p, o = cond.num_parts, cond.num_objects
-        d = feats.shape[-1]
+        return self.stage2_from(feats[:, :p], feats[:, p:p + o], cond.class_part,
+                                cond.class_object, cond.film2_mul, cond.film2_add)
+
+    def stage2_from(self, part_feats: torch.Tensor, object_feats: torch.Tensor,
+                    class_part: torch.Tensor, class_object: torch.Tensor,
+                    film2_mul: torch.Tensor, film2_add: torch.Tensor) -> torch.Tensor:
+        """Part (B, P, g, g, D) and object (B, >= O, g, g, D) features -> (B, K, g, g, D).
+
+        Extra object rows (e.g. background) are never gathered. Shapes come from the tensors,
+        so an exported graph keeps P, O and K dynamic.
+        """
+        d = part_feats.shape[-1]
         # Mix is linear, so mix parts and objects once each, then gather per class:
         # costs P + O projections instead of K.
         w = self.mix.weight
-        mixed_parts = feats[:, :p] @ w[:, :d].T  # Mix([F_p ; F_o]): parts come first
-        mixed_objects = feats[:, p:p + o] @ w[:, d:].T + self.mix.bias
-        g = mixed_parts[:, cond.class_part] + mixed_objects[:, cond.class_object]
-        return FiLM.apply(g, cond.film2_mul, cond.film2_add)
+        mixed_parts = part_feats @ w[:, :d].T  # Mix([F_p ; F_o]): parts come first
+        mixed_objects = object_feats @ w[:, d:].T + self.mix.bias
+        g = mixed_parts[:, class_part] + mixed_objects[:, class_object]
+        return FiLM.apply(g, film2_mul, film2_add)
 
     def forward_image(self, images: torch.Tensor, cond: Conditioning,
                       need_attention: bool = False) -> SegOutput:

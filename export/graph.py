@@ -1,0 +1,100 @@
+"""The deployable graph: uint8 images + precomputed vocabulary vectors -> logits.
+
+`DeployModel` wraps a trained `PartCLIPSeg` with the tensor interface of `runtime.bundle`
+(names, order, shapes): the text tower, FiLM/FiLM' vectors and We [e_o ; e_p] are computed once
+by `vocab_arrays` and enter the graph as inputs, so the vocabulary can change without a
+rebuild. Normalization is inside the graph; every class-dependent size (P, O, K) is read from
+the input tensors, so it stays dynamic in the exported graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from partclipseg.model import PartCLIPSeg
+from runtime import bundle as spec
+from runtime.vocabulary import Vocabulary
+
+__all__ = ["DeployModel", "vocab_arrays", "example_inputs"]
+
+
+class DeployModel(nn.Module):
+    """Image side of a PartCLIPSeg (or CLIPSeg baseline) with the bundle's tensor interface.
+
+    forward(image, *vocab inputs in `runtime.bundle.inputs_for_mode(mode)` order):
+      image: (B, S, S, 3) uint8 or float32, RGB, 0-255, already resized to S x S.
+    Returns `logits` (B, K + 1, S, S) and, for partclipseg, `object_logits` (B, O + 1, S, S);
+    float32 logits (sigmoid gives probabilities), background last.
+    """
+
+    def __init__(self, model: PartCLIPSeg, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.model = model.eval()
+        self.mode = model.cfg.mode
+        # Folded into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -torch.tensor(mean) / std_t)
+
+    def forward(self, image: torch.Tensor, *vocab: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        # Cast before the transpose: TensorRT transposes no uint8 tensors.
+        x = (image.float() * self.scale + self.shift).permute(0, 3, 1, 2)
+        taps = m.image_features(x)
+        if self.mode == "clipseg":
+            mul, add = vocab
+            cond = _conditioning(mul, add)
+            feats, _ = m.decode_stage1(taps, cond)
+            return (m._head(m.head, feats),)
+        part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
+        p = part_mul.shape[0]
+        cond = _conditioning(torch.cat([part_mul, obj_mul]), torch.cat([part_add, obj_add]))
+        feats, _ = m.decode_stage1(taps, cond)
+        part_feats, object_feats = feats[:, :p], feats[:, p:]  # objects + background
+        object_logits = m._head(m.head, object_feats)  # part logits are not deployed
+        class_feats = m.stage2_from(part_feats, object_feats, class_part, class_object,
+                                    cls_mul, cls_add)
+        logits = torch.cat([m._head(m.head2, class_feats), object_logits[:, -1:]], 1)
+        return logits, object_logits
+
+
+def _conditioning(mul: torch.Tensor, add: torch.Tensor):
+    from partclipseg.model import Conditioning
+
+    # num_parts/num_objects are unused by decode_stage1; shapes come from the tensors.
+    return Conditioning(mul, add, num_parts=0, num_objects=0)
+
+
+@torch.no_grad()
+def vocab_arrays(model: PartCLIPSeg, vocab: Vocabulary) -> dict[str, np.ndarray]:
+    """Everything that depends only on text, as the graph's vocabulary inputs.
+
+    Returns {name: array} for `runtime.bundle.inputs_for_mode(mode)[1:]`: float32 (rows, D)
+    FiLM vectors and int64 (K,) index vectors (see runtime.bundle for the layout).
+    """
+    was_training = model.training
+    model.eval()
+    cond = model.encode_vocabulary(vocab)
+    model.train(was_training)
+    f = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    if model.cfg.mode == "clipseg":
+        return {spec.OBJECT_FILM[0]: f(cond.film1_mul), spec.OBJECT_FILM[1]: f(cond.film1_add)}
+    p = cond.num_parts
+    return {
+        spec.PART_FILM[0]: f(cond.film1_mul[:p]), spec.PART_FILM[1]: f(cond.film1_add[:p]),
+        spec.OBJECT_FILM[0]: f(cond.film1_mul[p:]), spec.OBJECT_FILM[1]: f(cond.film1_add[p:]),
+        spec.CLASS_FILM[0]: f(cond.film2_mul), spec.CLASS_FILM[1]: f(cond.film2_add),
+        spec.CLASS_INDEX[0]: cond.class_part.cpu().numpy().astype(np.int64),
+        spec.CLASS_INDEX[1]: cond.class_object.cpu().numpy().astype(np.int64),
+    }
+
+
+def example_inputs(size: int, arrays: dict[str, np.ndarray], batch: int = 1, seed: int = 0,
+                   dtype: str = "uint8") -> dict[str, np.ndarray]:
+    """Random images (B, S, S, 3) plus the vocabulary arrays, keyed by graph input name."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    return {spec.IMAGE: image.astype(dtype), **arrays}
+

@@ -1,0 +1,256 @@
+"""`python -m export.onnx --ckpt best.pt --out BUNDLE`: checkpoint -> FP32 + FP16 ONNX bundle.
+
+Steps: load the checkpoint; precompute the text side (vocab.npz); trace `DeployModel` to ONNX
+(opset 17, so LayerNorm is one LayerNormalization node); check and simplify it (onnx checker,
+onnxslim); derive the FP16 graph with ONNX Runtime's float16 converter, LayerNormalization kept
+in FP32 (its variance overflows FP16 on CLIP's large activations; softmax subtracts its max and
+stays FP16); run both graphs in ONNX Runtime on fresh random images and compare with PyTorch,
+failing loudly above tolerance; write the manifest. The bundle is staged and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["export_onnx", "ExportError", "parity", "build_parser", "main"]
+
+FP32_TOLERANCE = 1e-4  # relative L2 error of the logits, ONNX Runtime FP32 vs PyTorch
+FP16_TOLERANCE = 2e-2  # the same for the FP16 graph
+FP16_KEEP_FP32 = ["LayerNormalization"]
+
+
+class ExportError(RuntimeError):
+    """An exported graph failed its checks (checker, parity with PyTorch)."""
+
+
+def _log(msg: str) -> None:
+    print(f"[export.onnx] {msg}", flush=True)
+
+
+def parity(ours: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, float]:
+    """Relative L2 error of each output and the argmax agreement of the first (logits)."""
+    rel = [float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b), 1e-12))
+           for a, b in zip(ours, ref)]
+    agree = float((ours[0].argmax(1) == ref[0].argmax(1)).mean())
+    return {"rel_error": max(rel), "argmax_agreement": agree}
+
+
+def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    import torch
+
+    from runtime import bundle as spec
+
+    mode = deploy.mode
+    names = spec.inputs_for_mode(mode)
+    outputs = spec.outputs_for_mode(mode)
+    axis = {spec.PART_FILM[0]: "parts", spec.PART_FILM[1]: "parts",
+            spec.OBJECT_FILM[0]: "objects_bg", spec.OBJECT_FILM[1]: "objects_bg"}
+    dynamic = {spec.IMAGE: {0: "batch"}}
+    dynamic.update({n: {0: axis.get(n, "classes")} for n in names[1:]})
+    dynamic[spec.LOGITS] = {0: "batch", 1: "classes_bg"}
+    if spec.OBJECT_LOGITS in outputs:
+        dynamic[spec.OBJECT_LOGITS] = {0: "batch", 1: "objects_bg"}
+    args = tuple(torch.from_numpy(inputs[n]) for n in names)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic
+            torch.onnx.export(deploy, args, str(path), input_names=list(names),
+                              output_names=list(outputs), dynamic_axes=dynamic,
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _finish_graph(path: Path) -> Any:
+    """onnx checker + onnxslim (constant folding, dead-node and shape-op cleanup), in place."""
+    import onnx
+    import onnxslim
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    before = len(model.graph.node)
+    model = onnxslim.slim(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    _log(f"  {path.name}: {before} -> {len(model.graph.node)} nodes after onnxslim")
+    return model
+
+
+def _to_fp16(model: Any, path: Path) -> None:
+    import onnx
+    import onnxslim
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types: the bundle's inputs/outputs stay float32 for every precision.
+    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
+    fp16 = onnxslim.slim(fp16)  # the converter appends its Casts unsorted; slim re-sorts
+    onnx.checker.check_model(fp16)
+    onnx.save(fp16, str(path))
+
+
+def _ort_run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: inputs[i.name] for i in sess.get_inputs()})
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxslim
+    import torch
+
+    import partclipseg
+
+    return {"partclipseg": partclipseg.__version__, "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxslim": onnxslim.__version__}
+
+
+def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: int | None = None,
+                image_dtype: str = "uint8", fp16: bool = True, check_batch: int = 2,
+                fp32_tolerance: float = FP32_TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE,
+                ) -> dict[str, Any]:
+    """Write a bundle for checkpoint `ckpt` to folder `out`; returns the manifest dict.
+
+    image_size: model input side (default: the checkpoint's); position embeddings are resized.
+    image_dtype: "uint8" or "float32" for the image input (both RGB, 0-255, (B, S, S, 3)).
+    Raises ExportError when a graph disagrees with PyTorch beyond the tolerances (relative L2
+    of the logits on `check_batch` fresh random images).
+    """
+    import torch
+
+    from partclipseg.checkpoint import file_sha256, load_model
+    from partclipseg.config import CLIP_MEAN, CLIP_STD
+    from partclipseg.model.backbone import resize_pos_embed
+    from runtime import bundle as spec
+
+    from .bundle import staged_bundle, write_manifest, write_vocab
+    from .graph import DeployModel, example_inputs, vocab_arrays
+
+    if opset < 17:
+        raise ValueError(f"opset {opset} < 17: LayerNormalization (kept in FP32 in the FP16 "
+                         "graph) needs opset 17 or newer")
+    if image_dtype not in ("uint8", "float32"):
+        raise ValueError(f"image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
+    t_start = time.perf_counter()
+    ckpt = Path(ckpt)
+    model, vocab, _record = load_model(ckpt)
+    if image_size and image_size != model.cfg.image_size:
+        patch = model.cfg.vision_cfg.get("patch_size", 16)
+        if image_size % patch:
+            raise ValueError(f"--image-size {image_size} must be a multiple of {patch}")
+        model.cfg = model.cfg.replace(image_size=image_size)
+        with torch.no_grad():
+            pos = resize_pos_embed(model.vit.positional_embedding.detach(), model.cfg.grid_size)
+        model.vit.positional_embedding = torch.nn.Parameter(pos, requires_grad=False)
+    size, mode = model.cfg.image_size, model.cfg.mode
+    deploy = DeployModel(model, CLIP_MEAN, CLIP_STD).eval()
+    arrays = vocab_arrays(model, vocab)
+    _log(f"{ckpt} -> {out}: {mode}, {vocab.num_classes} classes, input {size}x{size} {image_dtype}")
+
+    parities: dict[str, Any] = {}
+    with staged_bundle(out) as stage:
+        write_vocab(stage, arrays, spec.VOCAB_FILE)
+        trace_in = example_inputs(size, arrays, batch=1, seed=0, dtype=image_dtype)
+        t = time.perf_counter()
+        _trace(deploy, trace_in, stage / spec.ONNX_FP32, opset)
+        _log(f"  traced in {time.perf_counter() - t:.1f} s")
+        graph = _finish_graph(stage / spec.ONNX_FP32)
+        files = {"vocab": spec.VOCAB_FILE, "onnx_fp32": spec.ONNX_FP32}
+        if fp16:
+            _to_fp16(graph, stage / spec.ONNX_FP16)
+            files["onnx_fp16"] = spec.ONNX_FP16
+
+        # Parity on images the trace never saw.
+        check_in = example_inputs(size, arrays, batch=check_batch, seed=1, dtype=image_dtype)
+        with torch.no_grad():
+            names = spec.inputs_for_mode(mode)
+            ref = [o.numpy() for o in deploy(*(torch.from_numpy(check_in[n]) for n in names))]
+        checks = [("fp32", spec.ONNX_FP32, fp32_tolerance)]
+        if fp16:
+            checks.append(("fp16", spec.ONNX_FP16, fp16_tolerance))
+        for precision, name, tol in checks:
+            p = parity(_ort_run(stage / name, check_in), ref)
+            parities[precision] = {**p, "tolerance": tol, "images": check_batch}
+            _log(f"  ONNX Runtime {precision} vs PyTorch: relative error {p['rel_error']:.2e} "
+                 f"(tolerance {tol:.0e}), argmax agreement {100 * p['argmax_agreement']:.2f}%")
+            if not p["rel_error"] <= tol:  # also catches NaN
+                raise ExportError(f"{name}: relative error {p['rel_error']:.3e} vs PyTorch exceeds "
+                                  f"{tol:.0e}; the bundle was not written (the previous one, if "
+                                  "any, is untouched)")
+
+        dyn = {"batch": "B", "parts": "P", "objects_bg": "O+1", "classes": "K"}
+        d = model.cfg.reduce_dim
+        shapes = {spec.IMAGE: (["B", size, size, 3], image_dtype),
+                  **{n: ([dyn["parts"], d] if n in spec.PART_FILM else
+                         ["O+1", d] if n in spec.OBJECT_FILM else
+                         ["K", d] if n in spec.CLASS_FILM else ["K"],
+                         "int64" if n in spec.CLASS_INDEX else "float32")
+                     for n in spec.inputs_for_mode(mode)[1:]}}
+        manifest = {
+            "format": spec.FORMAT, "format_version": spec.FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "mode": mode, "input_size": size, "image_dtype": image_dtype,
+            "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+            "vocabulary": vocab.to_dict(), "model_config": model.cfg.to_dict(),
+            "checkpoint": {"path": str(ckpt.absolute()), "sha256": file_sha256(ckpt)},
+            "inputs": {n: {"shape": s, "dtype": t} for n, (s, t) in shapes.items()},
+            "outputs": {n: {"shape": ["B", "K+1" if n == spec.LOGITS else "O+1", size, size],
+                            "dtype": "float32"} for n in spec.outputs_for_mode(mode)},
+            "onnx": {"opset": opset, "fp16_kept_fp32_ops": FP16_KEEP_FP32, "parity": parities},
+            "precisions": ["fp32"] + (["fp16"] if fp16 else []),
+            "producer": _versions(),
+            "files": {},
+        }
+        from runtime.bundle import file_entry
+        manifest["files"] = {k: file_entry(stage, v) for k, v in files.items()}
+        write_manifest(stage, manifest)
+    _log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s")
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint written by partclipseg train")
+    p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
+    p.add_argument("--image-size", type=int, help="model input side (default: the checkpoint's)")
+    p.add_argument("--image-dtype", choices=["uint8", "float32"], default="uint8",
+                   help="dtype of the image input (RGB 0-255 either way; default uint8)")
+    p.add_argument("--no-fp16", action="store_true", help="skip model_fp16.onnx")
+    p.add_argument("--fp32-tolerance", type=float, default=FP32_TOLERANCE)
+    p.add_argument("--fp16-tolerance", type=float, default=FP16_TOLERANCE)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from partclipseg.checkpoint import CheckpointError
+
+    try:
+        export_onnx(a.ckpt, a.out, opset=a.opset, image_size=a.image_size,
+                    image_dtype=a.image_dtype, fp16=not a.no_fp16,
+                    fp32_tolerance=a.fp32_tolerance, fp16_tolerance=a.fp16_tolerance)
+    except (CheckpointError, ExportError, ValueError, OSError) as e:
+        print(f"export.onnx: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
