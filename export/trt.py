@@ -1,0 +1,159 @@
+"""`python -m export.trt --ckpt best.pt --out BUNDLE`: a strongly typed FP16 TensorRT engine.
+
+Builds the bundle's ONNX first when it is missing. FP16 lives in the graph (model_fp16.onnx:
+LayerNorm in FP32, the rest FP16) and the network is built strongly typed, the one way that works
+on TensorRT 10, TensorRT 11 (no FP16 builder flag any more) and TensorRT-RTX. Optimization
+profiles cover the batch and the class dimensions (parts, objects, classes), so a new
+vocabulary needs no rebuild while it fits `--max-classes`; the runtime splits larger ones.
+A persistent timing cache makes rebuilds fast. The manifest records the TensorRT flavour and
+version and the GPU, which the runtime checks before it deserializes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["build_engine", "profile_shapes", "build_parser", "main"]
+
+
+def _log(msg: str) -> None:
+    print(f"[export.trt] {msg}", flush=True)
+
+
+def profile_shapes(manifest: dict[str, Any], min_batch: int, opt_batch: int, max_batch: int,
+                   max_classes: int) -> dict[str, list[list[int]]]:
+    """{input: [min, opt, max] shapes}: batch over [min, max]; each class dimension over
+    [1, max_classes] (objects + background over [2, max_classes + 1]), optimal at the bundle's
+    own vocabulary."""
+    from runtime import bundle as spec
+    from runtime.vocabulary import Vocabulary
+
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= min-batch ({min_batch}) <= opt-batch ({opt_batch}) <= "
+                         f"max-batch ({max_batch})")
+    vocab = Vocabulary.from_dict(manifest["vocabulary"])
+    clipseg = manifest["mode"] == "clipseg"
+    n = {"P": len(vocab.parts), "O+1": (vocab.num_classes if clipseg else len(vocab.objects)) + 1,
+         "K": vocab.num_classes}
+    if max(n["P"], n["K"], n["O+1"] - 1) > max_classes:
+        raise ValueError(f"--max-classes {max_classes} is below the bundle's own vocabulary "
+                         f"({n['K']} classes, {n['P']} parts, {n['O+1'] - 1} objects)")
+    shapes = {}
+    for name, info in manifest["inputs"].items():
+        dims = info["shape"]
+        if name == spec.IMAGE:
+            rest = [int(d) for d in dims[1:]]
+            shapes[name] = [[b] + rest for b in (min_batch, opt_batch, max_batch)]
+            continue
+        sym, rest = dims[0], [int(d) for d in dims[1:]]
+        lo, hi = (2, max_classes + 1) if sym == "O+1" else (1, max_classes)
+        shapes[name] = [[lo] + rest, [n[sym]] + rest, [hi] + rest]
+    return shapes
+
+
+def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: int = 1,
+                 opt_batch: int = 1, max_batch: int = 8, max_classes: int = 128,
+                 workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
+                 precision: str = "fp16", flavour: str | None = None) -> dict[str, Any]:
+    """Build `bundle/model.engine` from the bundle's ONNX; returns the updated manifest."""
+    import json
+
+    from runtime import bundle as spec
+    from runtime.backends.tensorrt import current_gpu, import_tensorrt
+
+    from .bundle import update_manifest
+    from .onnx import export_onnx
+
+    trt, flav = import_tensorrt(flavour)  # fails early, naming the pip extra
+    bundle = Path(bundle)
+    onnx_key = {"fp16": "onnx_fp16", "fp32": "onnx_fp32"}[precision]
+    if not (bundle / spec.MANIFEST).is_file():
+        if ckpt is None:
+            raise FileNotFoundError(f"{bundle} is not a bundle and no --ckpt was given to "
+                                    "export one")
+        export_onnx(ckpt, bundle)
+    manifest_obj = spec.read_manifest(bundle)
+    onnx_path = manifest_obj.file(onnx_key)
+    manifest = json.loads((bundle / spec.MANIFEST).read_text())
+    shapes = profile_shapes(manifest, min_batch, opt_batch, max_batch, max_classes)
+
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork,
+                                        NetworkFromOnnxPath, Profile)
+
+    from partclipseg.checkpoint import atomic_write
+
+    profile = Profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.add(name, lo, opt, hi)
+    cache = Path(timing_cache) if timing_cache else bundle / spec.TIMING_CACHE
+    config = CreateConfig(
+        profiles=[profile],
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))},
+        load_timing_cache=str(cache) if cache.is_file() else None)
+    _log(f"{onnx_path.name} -> {spec.ENGINE} with {flav} {trt.__version__} (strongly typed, "
+         f"batch {min_batch}-{max_batch}, up to {max_classes} classes)")
+    t = time.perf_counter()
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
+    if serialized is None:
+        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path}")
+    engine = bytes(serialized)
+    build_s = time.perf_counter() - t
+    cache.with_name(cache.name + ".lock").unlink(missing_ok=True)  # Polygraphy's file lock
+    atomic_write(bundle / spec.ENGINE, lambda tmp: Path(tmp).write_bytes(engine))
+    _log(f"  built in {build_s:.1f} s: {len(engine) / 1e6:.1f} MB")
+    files = {"engine": spec.ENGINE}
+    if cache.parent.resolve() == bundle.resolve() and cache.is_file():
+        files["timing_cache"] = cache.name
+    manifest = update_manifest(bundle, {"engine": {
+        "tensorrt": {"flavour": flav, "version": trt.__version__},
+        "gpu": current_gpu(),  # None: built on a machine without a GPU (TensorRT-RTX)
+        "precision": precision, "strongly_typed": True, "onnx": onnx_path.name,
+        "profiles": [shapes], "max_classes": max_classes, "max_batch": max_batch,
+        "build_seconds": round(build_s, 2)}}, files)
+    _log(f"manifest updated: {bundle / spec.MANIFEST}")
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", help="checkpoint (used when the bundle's ONNX must be exported)")
+    p.add_argument("--out", required=True, help="bundle folder")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-classes", type=int, default=128,
+                   help="largest class / part / object count of the profile (default 128)")
+    p.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB")
+    p.add_argument("--timing-cache", help="timing cache file (default BUNDLE/timing.cache)")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
+                   help="which ONNX graph to build (default fp16)")
+    p.add_argument("--flavour", choices=["tensorrt", "tensorrt_rtx"],
+                   help="TensorRT flavour (default: full TensorRT if installed, else RTX)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from partclipseg.checkpoint import CheckpointError
+    from runtime.backends.tensorrt import TensorRTUnavailable
+    from runtime.bundle import BundleError
+
+    from .onnx import ExportError
+
+    try:
+        build_engine(a.out, a.ckpt, a.min_batch, a.opt_batch, a.max_batch, a.max_classes,
+                     a.workspace, a.timing_cache, a.precision, a.flavour)
+    except (TensorRTUnavailable, BundleError, CheckpointError, ExportError, ValueError,
+            FileNotFoundError) as e:
+        print(f"export.trt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
