@@ -52,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")
     d.add_argument("--steps", type=_positive, help="training steps (default: the config's)")
     d.add_argument("--config", default="synthparts_tiny")
+
+    w = sub.add_parser("import-weights", help="start from real weights: HF CLIPSeg or the "
+                       "authors' released PartCLIPSeg checkpoint -> a partclipseg checkpoint")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--clipseg", metavar="DIR_OR_FILE", help="Hugging Face CLIPSeg folder "
+                     "(config.json + weights) or .safetensors / pytorch_model.bin")
+    src.add_argument("--partclipseg", metavar="FILE", help="released PartCLIPSeg .pth "
+                     "(detectron2 record, model under 'model')")
+    w.add_argument("--out", required=True, help="checkpoint to write (e.g. init.pt)")
+    w.add_argument("--vocab", default="pascal_part_116",
+                   help="vocabulary stored in the checkpoint: a dataset name (pascal_part_116, "
+                   "ade20k_part_234, partimagenet) or a JSON file (default pascal_part_116)")
+    w.add_argument("--image-size", type=_positive, default=352, help="model input side (352)")
+    w.add_argument("--mode", choices=["partclipseg", "clipseg"], default="partclipseg",
+                   help="model to build from CLIPSeg weights (released PartCLIPSeg: always "
+                   "partclipseg)")
+    w.add_argument("--no-adapters", action="store_true",
+                   help="CLIPSeg: build without visual adapters (plain CLIPSeg numerics)")
+    w.add_argument("--partial", action="store_true", help="write the checkpoint even when some "
+                   "source weights cannot be represented (they keep their initialization)")
     return p
 
 
@@ -136,7 +156,34 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_import_weights(a: argparse.Namespace) -> int:
+    from .convert import import_weights
+
+    kind = "clipseg" if a.clipseg else "partclipseg"
+    result = import_weights(a.clipseg or a.partclipseg, a.out, expect=kind, vocab=a.vocab,
+                            image_size=a.image_size, mode=a.mode, adapters=not a.no_adapters,
+                            allow_partial=a.partial)
+    conv = result.conversion
+    print(f"{conv.source_format} weights ({len(conv.state_dict)} tensors"
+          + (f", mixing layer: {conv.mixing} version" if conv.mixing else "") + ")")
+    reasons: dict[str, int] = {}
+    for line in conv.unused:
+        reason = line.split(": ", 1)[1]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in reasons.items():
+        print(f"  unused   {n:4d} keys: {reason}")
+    for line in conv.unmapped:
+        print(f"  UNMAPPED {line} (ignored, --partial)")
+    for line in conv.approximate:
+        print(f"  approx.  {line}")
+    for line in conv.not_in_source:
+        print(f"  init     {line}")
+    print(f"checkpoint (kind: init) written to {result.path}")
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
+            "import-weights": cmd_import_weights}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,112 @@
+"""`partclipseg import-weights`: foreign weights -> a partclipseg checkpoint of kind "init".
+
+The written file is an ordinary partclipseg checkpoint (`save_checkpoint`: weights, model
+config, vocabulary), so `eval`, `export` and `load_model` take it as is. It also records
+`kind: "init"`, where the weights came from and the import report (unused / unmapped /
+approximate / initialized keys).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.vocabulary import Vocabulary, VocabularyError
+
+from ..checkpoint import file_sha256, save_checkpoint
+from .clipseg import Conversion, convert_clipseg, detect_layout
+from .sources import WeightsError, read_weights
+
+__all__ = ["ImportResult", "import_weights", "resolve_vocabulary", "SOURCES"]
+
+SOURCES = {"clipseg": "hf-clipseg", "partclipseg": "partclipseg-released"}
+
+# Our keys a source may leave to the model's own initialization, by source format.
+_MAY_BE_INITIALIZED = {
+    "hf-clipseg": ("adapters.", "background", "mix.", "embed_mix."),
+    "partclipseg-released": ("mix.",),  # only with allow_partial (MLP mixing layer)
+}
+
+
+@dataclass
+class ImportResult:
+    path: Path
+    conversion: Conversion
+    initialized: list[str]  # our keys left at the model's initialization
+
+
+def resolve_vocabulary(spec: str | Vocabulary) -> Vocabulary:
+    """A Vocabulary, a canonical dataset name ("pascal_part_116") or a JSON file holding
+    `Vocabulary.to_dict()` (optionally under "vocabulary", as SynthParts' classes.json)."""
+    if isinstance(spec, Vocabulary):
+        return spec
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise VocabularyError(f"cannot read vocabulary file {path}: {e}") from e
+        return Vocabulary.from_dict(d.get("vocabulary", d) if isinstance(d, dict) else d)
+    from ..data.vocabularies import get_vocabulary
+
+    return get_vocabulary(spec)
+
+
+def import_weights(source: str | Path, out: str | Path, *, expect: str | None = None,
+                   vocab: str | Vocabulary = "pascal_part_116", image_size: int = 352,
+                   mode: str = "partclipseg", adapters: bool = True,
+                   allow_partial: bool = False) -> ImportResult:
+    """Convert `source` (HF CLIPSeg folder/file or released PartCLIPSeg .pth) and write `out`.
+
+    expect: "clipseg" or "partclipseg" to insist on a source kind (None: either).
+    allow_partial: write the checkpoint even with unmapped source keys or a mixing layer that
+        cannot be represented (those weights keep the model's initialization; listed).
+    Raises WeightsError naming every key that blocks an exact import.
+    """
+    import torch
+
+    from ..model import PartCLIPSeg
+
+    vocabulary = resolve_vocabulary(vocab)
+    foreign = read_weights(source)
+    _, fmt = detect_layout(foreign.state_dict)
+    if expect is not None and SOURCES[expect] != fmt:
+        other = "clipseg" if expect == "partclipseg" else "partclipseg"
+        raise WeightsError(f"--{expect} was given but {source} is a {fmt} checkpoint; "
+                           f"use --{other}")
+    conv = convert_clipseg(foreign.state_dict, foreign.config, image_size=image_size, mode=mode,
+                           adapters=adapters, allow_partial=allow_partial,
+                           name=f"import-{Path(source).stem}")
+    if conv.unmapped and not allow_partial:
+        raise WeightsError(f"{len(conv.unmapped)} source keys are not understood by this "
+                           f"converter: {conv.unmapped}. Re-run with --partial to import the "
+                           "rest (they are then ignored).")
+    torch.manual_seed(0)  # initialized parts are reproducible
+    model = PartCLIPSeg(conv.config)
+    ours = model.state_dict()
+    extra = sorted(set(conv.state_dict) - set(ours))
+    if extra:  # a converter bug, never the user's
+        raise WeightsError(f"converted keys the model does not have: {extra}")
+    for k, v in conv.state_dict.items():
+        if v.shape != ours[k].shape:
+            raise WeightsError(f"{k}: converted shape {tuple(v.shape)} != model "
+                               f"{tuple(ours[k].shape)}")
+    initialized = sorted(set(ours) - set(conv.state_dict))
+    allowed = _MAY_BE_INITIALIZED[conv.source_format]
+    blocked = [k for k in initialized if not k.startswith(allowed)]
+    if blocked or (conv.source_format == "partclipseg-released" and initialized
+                   and not allow_partial):
+        raise WeightsError(f"the source does not provide these weights of the model: "
+                           f"{blocked or initialized}")
+    model.load_state_dict(conv.state_dict, strict=False)
+    files = [str(f) for f in foreign.files]
+    extra_record: dict[str, Any] = {
+        "kind": "init",
+        "imported_from": {"path": str(source), "files": files,
+                          "sha256": [file_sha256(f) for f in foreign.files]},
+        "import_report": {**conv.report(), "initialized": initialized},
+    }
+    path = save_checkpoint(out, model, vocabulary, extra=extra_record)
+    return ImportResult(path, conv, initialized)
