@@ -140,7 +140,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     from runtime import bundle as spec
 
     from .bundle import staged_bundle, write_manifest, write_vocab
-    from .graph import DeployModel, example_inputs, vocab_arrays
+    from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
 
     if opset < 17:
         raise ValueError(f"opset {opset} < 17: LayerNormalization (kept in FP32 in the FP16 "

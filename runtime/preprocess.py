@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["InputError", "check_image", "preprocess", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["InputError", "check_image", "resize_image", "preprocess", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,12 +33,21 @@ def check_image(image: np.ndarray, bgr: bool = False) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1] if bgr else image)
 
 
-def preprocess(image: np.ndarray, size: int, mean: Sequence[float] = CLIP_MEAN,
-               std: Sequence[float] = CLIP_STD, bgr: bool = False) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, size, size) float32, bilinear-resized and CLIP-normalized."""
+def resize_image(image: np.ndarray, size: int, bgr: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 RGB, bilinear (Pillow). What deployed graphs
+    take: they normalize inside."""
     image = check_image(image, bgr)
     if image.shape[:2] != (size, size):
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-    x = image.astype(np.float32) / 255.0
+    return image
+
+
+def preprocess(image: np.ndarray, size: int, mean: Sequence[float] = CLIP_MEAN,
+               std: Sequence[float] = CLIP_STD, bgr: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, size, size) float32, bilinear-resized and CLIP-normalized.
+
+    The same resize as `resize_image`, then the normalization deployed graphs do in-graph.
+    """
+    x = resize_image(image, size, bgr).astype(np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))

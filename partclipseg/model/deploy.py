@@ -1,4 +1,4 @@
-"""The deployable graph: uint8 images + precomputed vocabulary vectors -> logits.
+"""The deployable interface of the model (what export traces and the torch backend runs): uint8 images + precomputed vocabulary vectors -> logits.
 
 `DeployModel` wraps a trained `PartCLIPSeg` with the tensor interface of `runtime.bundle`
 (names, order, shapes): the text tower, FiLM/FiLM' vectors and We [e_o ; e_p] are computed once
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from partclipseg.model import PartCLIPSeg
+from .partclipseg import Conditioning, PartCLIPSeg
 from runtime import bundle as spec
 from runtime.vocabulary import Vocabulary
 
@@ -60,9 +60,7 @@ class DeployModel(nn.Module):
         return logits, object_logits
 
 
-def _conditioning(mul: torch.Tensor, add: torch.Tensor):
-    from partclipseg.model import Conditioning
-
+def _conditioning(mul: torch.Tensor, add: torch.Tensor) -> Conditioning:
     # num_parts/num_objects are unused by decode_stage1; shapes come from the tensors.
     return Conditioning(mul, add, num_parts=0, num_objects=0)
 

@@ -1,0 +1,57 @@
+"""PyTorch reference backend: the checkpoint through partclipseg, same tensor interface.
+
+Imports torch and partclipseg only when constructed (the runtime never needs them otherwise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..bundle import BundleError, inputs_for_mode
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    """Runs `partclipseg.model.deploy.DeployModel` (what export traces) in eager PyTorch.
+
+    precision "fp32" or "fp16" (CUDA only: the model in half, logits returned as float32).
+    """
+
+    name = "torch"
+
+    def __init__(self, checkpoint: str, mode: str, mean, std, device: str = "cpu",
+                 precision: str = "fp32", expected_sha256: str | None = None):
+        import torch
+
+        from partclipseg.checkpoint import file_sha256, load_model
+        from partclipseg.model.deploy import DeployModel
+
+        if expected_sha256 and file_sha256(checkpoint) != expected_sha256:
+            raise BundleError(f"{checkpoint} is not the checkpoint this bundle was exported "
+                              "from (SHA-256 differs); pass checkpoint= the right file")
+        if precision == "fp16" and device == "cpu":
+            raise ValueError("the torch backend runs fp16 on CUDA only; use precision='fp32'")
+        model, _, _ = load_model(checkpoint, map_location=device)
+        if model.cfg.mode != mode:
+            raise BundleError(f"{checkpoint} is a {model.cfg.mode} model, the bundle {mode}")
+        self.model = DeployModel(model, mean, std).to(device).eval()
+        if precision == "fp16":
+            self.model.half()
+        self._torch, self.device, self.precision = torch, device, precision
+        self.output_names = ("logits",) if mode == "clipseg" else ("logits", "object_logits")
+        self.input_names = inputs_for_mode(mode)
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        args = []
+        for n in self.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device)
+            args.append(t.to(dtype) if t.is_floating_point() and n != "image" else t)
+        with torch.inference_mode():  # no module state changes: safe across threads
+            out = self.model(*args)
+        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, out)}
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,352 @@
+"""`Segmenter`: a bundle behind one call, numpy image in, label map out.
+
+    seg = Segmenter.load("bundles/x")                # backend="auto": fastest available
+    pred = seg.predict(frame)                         # Pred-All over the bundle's vocabulary
+    pred = seg.predict(frame, classes=["dog's head"])  # a subset of it
+    pred = seg.predict(frame, object_mask=m, object_class="dog")  # Oracle-Obj
+    pred.labels                                       # (H, W) int32, -1 = background
+
+Pre- and post-processing are the numpy functions evaluation uses, for every backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import bundle as spec
+from .postprocess import BACKGROUND, oracle_obj, pred_all, resize_bilinear, sigmoid
+from .preprocess import InputError, check_image, resize_image
+from .vocabulary import Vocabulary, VocabularyError
+
+__all__ = ["Segmenter", "Prediction", "BACKENDS"]
+
+log = logging.getLogger("runtime")
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result.
+
+    labels: (H, W) int32 at the input resolution: an index into `class_names`, or -1 for
+        background (and for everything outside the object mask in Oracle-Obj).
+    class_names: the object-specific classes predicted over ("dog's head", ...).
+    scores: (K + 1, H, W) float32 sigmoid probabilities, background last; only on request.
+    timing_ms: {"pre", "infer", "post"} milliseconds (batch calls share pre/infer evenly).
+    """
+
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    scores: np.ndarray | None = None
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    def mask(self, name: str) -> np.ndarray:
+        """(H, W) bool mask of one class."""
+        if name not in self.class_names:
+            raise VocabularyError(f"{name!r} is not among this prediction's classes")
+        return self.labels == self.class_names.index(name)
+
+    def counts(self) -> dict[str, int]:
+        """Pixels per predicted class (classes with none are left out)."""
+        ids, n = np.unique(self.labels[self.labels != BACKGROUND], return_counts=True)
+        return {self.class_names[i]: int(c) for i, c in zip(ids, n)}
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """A (sub)vocabulary and the graph inputs for it, split into chunks the backend accepts."""
+
+    vocab: Vocabulary
+    chunks: tuple[tuple[tuple[int, ...], tuple[int, ...], dict[str, np.ndarray]], ...]
+    # per chunk: (class indices in `vocab`, object indices in `vocab`, feed arrays)
+
+
+class Segmenter:
+    """A loaded bundle plus one backend. Thread-safe: share one across threads."""
+
+    def __init__(self, manifest: spec.Manifest, arrays: dict[str, np.ndarray], backend: Any,
+                 precision: str, max_classes: int | None = None):
+        self.manifest = manifest
+        self.vocabulary = manifest.vocabulary
+        self.mode = manifest.mode
+        self.input_size = manifest.input_size
+        self.backend = backend
+        self.precision = precision
+        self.max_classes = max_classes
+        self._arrays = arrays
+        self._image_dtype = np.dtype(manifest.raw.get("image_dtype", "uint8"))
+        self._selections: dict[tuple[str, ...] | None, _Selection] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle: str | Path, backend: str = "auto", device: str | None = None,
+             precision: str | None = None, checkpoint: str | Path | None = None,
+             threads: int | None = None, max_classes: int | None = None) -> "Segmenter":
+        """Open a bundle folder.
+
+        backend: "auto" (TensorRT engine if it can run here, else ONNX Runtime on CUDA, else on
+            CPU; logs what it picked), "tensorrt", "onnxruntime" or "torch" (reference; needs the
+            checkpoint: `checkpoint=` or the path recorded at export).
+        device: "cuda" or "cpu" (default: cuda when the backend can use it).
+        precision: "fp16" or "fp32" (default: fp16 on cuda, fp32 on cpu).
+        max_classes: split larger vocabularies into chunks of at most this many classes (the
+            TensorRT backend sets it from the engine's profile).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if device not in (None, "cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if precision not in (None, "fp16", "fp32"):
+            raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+        manifest = spec.read_manifest(bundle)
+        arrays = spec.read_vocab(manifest)
+        if backend == "auto":
+            backend, device = _pick_backend(manifest, device)
+            log.info("runtime: backend=auto picked %s on %s", backend, device)
+        device = device or ("cuda" if backend == "tensorrt" else "cpu")
+        precision = precision or ("fp16" if device == "cuda" else "fp32")
+        if backend == "tensorrt":
+            from .backends.tensorrt import TensorRTBackend
+
+            info = manifest.raw.get("engine")
+            if not info:
+                raise spec.BundleError(f"{manifest.root} has no TensorRT engine; build one "
+                                       "with python -m export.trt --out BUNDLE")
+            impl: Any = TensorRTBackend(str(manifest.file("engine")), info)
+            precision = info.get("precision", "fp16")
+            max_classes = min(max_classes or info["max_classes"], info["max_classes"])
+        elif backend == "onnxruntime":
+            from .backends.onnxruntime import OnnxRuntimeBackend
+
+            key = "onnx_fp16" if precision == "fp16" else "onnx_fp32"
+            impl = OnnxRuntimeBackend(str(manifest.file(key)), device, threads)
+        else:
+            from .backends.torch import TorchBackend
+
+            ck = manifest.raw.get("checkpoint", {})
+            path = checkpoint or ck.get("path")
+            if not path or not Path(path).is_file():
+                raise spec.BundleError(f"the torch backend needs the checkpoint; {path!r} does "
+                                       "not exist: pass checkpoint=PATH")
+            impl = TorchBackend(str(path), manifest.mode, manifest.mean, manifest.std, device,
+                                precision, ck.get("sha256"))
+        return cls(manifest, arrays, impl, precision, max_classes)
+
+    @property
+    def backend_name(self) -> str:
+        return f"{self.backend.name}:{self.backend.device}:{self.precision}"
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({self.manifest.root}, {self.backend_name}, {self.mode}, "
+                f"{self.vocabulary.num_classes} classes, input {self.input_size})")
+
+    # -- vocabulary -----------------------------------------------------------------------------
+    def _select(self, classes: Sequence[str] | None) -> _Selection:
+        key = None if classes is None else tuple(classes)
+        sel = self._selections.get(key)
+        if sel is None:
+            sel = self._build_selection(key)
+            self._selections[key] = sel  # benign race: equal values
+        return sel
+
+    def _build_selection(self, classes: tuple[str, ...] | None) -> _Selection:
+        full = self.vocabulary
+        if classes is None:
+            idx = list(range(full.num_classes))
+        else:
+            if isinstance(classes, str):
+                raise InputError("classes must be a list of class names, not one string")
+            if len(classes) == 0:
+                raise VocabularyError("classes is empty: name at least one class, or pass "
+                                      "None for the whole vocabulary")
+            if len(set(classes)) != len(classes):
+                dup = sorted({c for c in classes if classes.count(c) > 1})
+                raise VocabularyError(f"duplicate class names in classes: {dup}")
+            idx = [full.index(c) for c in classes]  # unknown names: close matches suggested
+        vocab = full.subset(idx) if classes is not None else full
+        groups = self._chunk(vocab)
+        chunks = []
+        for cls_idx, obj_idx in groups:
+            chunks.append((cls_idx, obj_idx, self._feed_arrays(vocab, cls_idx, obj_idx)))
+        return _Selection(vocab, tuple(chunks))
+
+    def _chunk(self, vocab: Vocabulary) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Group classes by object so every chunk fits `max_classes` on each class dimension.
+
+        Conditions never interact in the decoder, so chunked results equal one big run.
+        """
+        limit = self.max_classes
+        if self.mode == "clipseg":
+            k = vocab.num_classes
+            step = limit or k
+            return [(tuple(range(s, min(k, s + step))), ()) for s in range(0, k, step)]
+        groups: list[tuple[list[int], list[int], set[int]]] = []
+        for o in range(len(vocab.objects)):
+            own = list(vocab.object_classes(o))
+            if not own:
+                continue
+            parts = {vocab.classes[k][1] for k in own}
+            if limit and len(own) > limit:
+                raise VocabularyError(f"object {vocab.objects[o]!r} has {len(own)} classes, more "
+                                      f"than the engine's profile maximum {limit}: rebuild with "
+                                      "python -m export.trt --max-classes N")
+            if groups:
+                c, ob, pa = groups[-1]
+                if not limit or (len(c) + len(own) <= limit and len(ob) + 1 <= limit
+                                 and len(pa | parts) <= limit):
+                    c.extend(own), ob.append(o), pa.update(parts)
+                    continue
+            groups.append((own, [o], set(parts)))
+        return [(tuple(c), tuple(ob)) for c, ob, _ in groups]
+
+    def _feed_arrays(self, vocab: Vocabulary, cls_idx: Sequence[int], obj_idx: Sequence[int]
+                     ) -> dict[str, np.ndarray]:
+        """Rows of the bundle's precomputed arrays for these classes of `vocab`."""
+        full, a = self.vocabulary, self._arrays
+        names = [vocab.class_names[k] for k in cls_idx]
+        rows = np.array([full.index(n) for n in names], np.int64)
+        bg = a[spec.OBJECT_FILM[0]].shape[0] - 1
+        if self.mode == "clipseg":
+            obj_rows = np.append(rows, bg)
+            return {n: np.ascontiguousarray(a[n][obj_rows]) for n in spec.OBJECT_FILM}
+        full_cls = [full.classes[r] for r in rows]
+        obj_full = sorted({o for o, _ in full_cls})
+        part_full = sorted({p for _, p in full_cls})
+        obj_rows = np.array(obj_full + [bg], np.int64)
+        part_rows = np.array(part_full, np.int64)
+        feed = {n: np.ascontiguousarray(a[n][part_rows]) for n in spec.PART_FILM}
+        feed.update({n: np.ascontiguousarray(a[n][obj_rows]) for n in spec.OBJECT_FILM})
+        feed.update({n: np.ascontiguousarray(a[n][rows]) for n in spec.CLASS_FILM})
+        feed[spec.CLASS_INDEX[0]] = np.array([part_full.index(p) for _, p in full_cls], np.int64)
+        feed[spec.CLASS_INDEX[1]] = np.array([obj_full.index(o) for o, _ in full_cls], np.int64)
+        return feed
+
+    # -- inference ------------------------------------------------------------------------------
+    def _infer(self, batch: np.ndarray, sel: _Selection) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, S, S, 3) images -> logits (B, K + 1, S, S), object logits (B, O + 1, S, S)."""
+        vocab = sel.vocab
+        k, o = vocab.num_classes, len(vocab.objects)
+        b, s = batch.shape[0], self.input_size
+        if len(sel.chunks) == 1:
+            out = self.backend.run({spec.IMAGE: batch, **sel.chunks[0][2]})
+            return out[spec.LOGITS], out.get(spec.OBJECT_LOGITS)
+        logits = np.empty((b, k + 1, s, s), np.float32)
+        obj_logits = None if self.mode == "clipseg" else np.empty((b, o + 1, s, s), np.float32)
+        for cls_idx, obj_idx, feed in sel.chunks:
+            out = self.backend.run({spec.IMAGE: batch, **feed})
+            logits[:, list(cls_idx)] = out[spec.LOGITS][:, :-1]
+            logits[:, k] = out[spec.LOGITS][:, -1]  # background: the same in every chunk
+            if obj_logits is not None:
+                obj_logits[:, list(obj_idx)] = out[spec.OBJECT_LOGITS][:, :-1]
+                obj_logits[:, o] = out[spec.OBJECT_LOGITS][:, -1]
+        return logits, obj_logits
+
+    def predict(self, image: np.ndarray, classes: Sequence[str] | None = None,
+                object_mask: np.ndarray | None = None, object_class: str | int | None = None,
+                bgr: bool = False, scores: bool = False) -> Prediction:
+        """Segment one (H, W, 3) uint8 RGB image (`bgr=True` for OpenCV frames).
+
+        classes: a subset of the bundle's class names (default: all).
+        object_mask + object_class: Oracle-Obj (an (H, W) bool mask of the object and its
+            object name or index in the selected vocabulary); without them: Pred-All.
+        scores: also return sigmoid probabilities at the input resolution.
+        """
+        if (object_mask is None) != (object_class is None):
+            raise InputError("Oracle-Obj needs both object_mask and object_class (or neither "
+                             "for Pred-All)")
+        return self._predict([image], classes, bgr, scores, object_mask, object_class)[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray], classes: Sequence[str] | None = None,
+                      bgr: bool = False, scores: bool = False) -> list[Prediction]:
+        """Pred-All on several images in one backend call (sizes may differ)."""
+        if len(images) == 0:
+            raise InputError("images is empty")
+        return self._predict(list(images), classes, bgr, scores, None, None)
+
+    def _predict(self, images: list[np.ndarray], classes: Sequence[str] | None, bgr: bool,
+                 want_scores: bool, object_mask: np.ndarray | None,
+                 object_class: str | int | None) -> list[Prediction]:
+        sel = self._select(classes)
+        vocab = sel.vocab
+        t0 = time.perf_counter()
+        checked = [check_image(im, bgr) for im in images]
+        oracle = None
+        if object_mask is not None:
+            oracle = self._oracle_args(vocab, checked[0].shape[:2], object_mask, object_class)
+        batch = np.stack([resize_image(im, self.input_size) for im in checked])
+        if batch.dtype != self._image_dtype:
+            batch = batch.astype(self._image_dtype)
+        t1 = time.perf_counter()
+        logits, obj_logits = self._infer(batch, sel)
+        t2 = time.perf_counter()
+        class_objects = np.asarray(vocab.class_objects)
+        results = []
+        for j, im in enumerate(checked):
+            tp = time.perf_counter()
+            size = im.shape[:2]
+            if oracle is not None:
+                labels = oracle_obj(logits[j], class_objects, oracle[0], oracle[1])
+            else:
+                labels = pred_all(logits[j], class_objects, size,
+                                  None if obj_logits is None else obj_logits[j])
+            probs = sigmoid(resize_bilinear(logits[j], size)) if want_scores else None
+            n = len(checked)
+            timing = {"pre": 1e3 * (t1 - t0) / n, "infer": 1e3 * (t2 - t1) / n,
+                      "post": 1e3 * (time.perf_counter() - tp)}
+            results.append(Prediction(labels, vocab.class_names, probs, timing))
+        return results
+
+    @staticmethod
+    def _oracle_args(vocab: Vocabulary, size: tuple[int, int], mask: np.ndarray,
+                     object_class: str | int) -> tuple[np.ndarray, int]:
+        mask = np.asarray(mask)
+        if mask.shape != tuple(size):
+            raise InputError(f"object_mask has shape {mask.shape}, the image is {tuple(size)}: "
+                             "give a mask at the image's resolution")
+        if mask.dtype != bool:
+            if not np.issubdtype(mask.dtype, np.integer) or mask.min() < 0 or mask.max() > 1:
+                raise InputError(f"object_mask must be bool (or 0/1 integers), got {mask.dtype}")
+            mask = mask.astype(bool)
+        if isinstance(object_class, str):
+            obj = vocab.object_index(object_class)
+        elif isinstance(object_class, (int, np.integer)) and 0 <= object_class < len(vocab.objects):
+            obj = int(object_class)
+        else:
+            raise InputError(f"object_class must be an object name or an index below "
+                             f"{len(vocab.objects)}, got {object_class!r}")
+        return mask, obj
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _pick_backend(manifest: spec.Manifest, device: str | None) -> tuple[str, str]:
+    """The fastest backend that can run here: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU."""
+    if device != "cpu" and manifest.has("engine") and manifest.raw.get("engine"):
+        try:
+            from .backends.tensorrt import current_gpu, engine_mismatch, import_tensorrt
+
+            trt, flavour = import_tensorrt(manifest.raw["engine"]["tensorrt"].get("flavour"))
+            problem = engine_mismatch(manifest.raw["engine"], flavour, trt.__version__,
+                                      current_gpu())
+            if problem is None:
+                return "tensorrt", "cuda"
+            log.info("runtime: not using the TensorRT engine: %s", problem)
+        except ImportError as e:
+            log.info("runtime: TensorRT unavailable (%s)", str(e).splitlines()[0])
+    if device != "cpu":
+        from .backends.onnxruntime import cuda_available
+
+        if cuda_available():
+            return "onnxruntime", "cuda"
+        if device == "cuda":
+            raise RuntimeError("device='cuda' but neither a runnable TensorRT engine nor "
+                               "onnxruntime-gpu is available")
+    return "onnxruntime", "cpu"
