@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive, help="training steps (default: the config's)")
     d.add_argument("--config", default="synthparts_tiny")
 
+    sub.add_parser("predict", help="segment images with an exported bundle (predict --help)")
+
     w = sub.add_parser("import-weights", help="start from real weights: HF CLIPSeg or the "
                        "authors' released PartCLIPSeg checkpoint -> a partclipseg checkpoint")
     src = w.add_mutually_exclusive_group(required=True)
@@ -187,6 +189,11 @@ COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "demo": cm
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:  # its own parser lives with the runtime (no torch needed)
+        from runtime.predict import main as predict_main
+
+        return predict_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError

@@ -1,0 +1,119 @@
+"""`python -m export.vocab --bundle B --ckpt best.pt --classes FILE`: a new vocabulary, no rebuild.
+
+The graphs and the engine take the text side as inputs with dynamic class dimensions, so a new
+vocabulary is only a new vocab.npz (text tower + FiLM/FiLM' vectors, computed here with the
+checkpoint's text tower) and a new manifest vocabulary. Names may be new: generalized parts and
+objects are encoded as plain words.
+
+FILE: one object-specific class per line, "object's part" (e.g. "dog's head"); blank lines and
+'#' comments are skipped; a trailing " *" marks the class's object as unseen (reporting only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["read_class_file", "set_vocabulary", "build_parser", "main"]
+
+
+def read_class_file(path: str | Path) -> "Vocabulary":  # noqa: F821
+    """Parse a class file (see module doc) into a Vocabulary, with line-numbered errors."""
+    from runtime.vocabulary import Vocabulary, VocabularyError
+
+    pairs, unseen = [], set()
+    for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.endswith("*"):
+            line = line[:-1].strip()
+            mark = True
+        else:
+            mark = False
+        if "'s " not in line:
+            raise VocabularyError(f"{path}:{n}: {raw.strip()!r} is not \"object's part\"")
+        obj, part = (s.strip() for s in line.rsplit("'s ", 1))
+        if not obj or not part:
+            raise VocabularyError(f"{path}:{n}: empty object or part in {raw.strip()!r}")
+        pairs.append((obj, part))
+        if mark:
+            unseen.add(obj)
+    if not pairs:
+        raise VocabularyError(f"{path} lists no classes")
+    if len(set(pairs)) != len(pairs):
+        dup = sorted({f"{o}'s {p}" for o, p in pairs if pairs.count((o, p)) > 1})
+        raise VocabularyError(f"{path} lists classes twice: {dup}")
+    return Vocabulary.from_names(pairs, unseen)
+
+
+def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: "Vocabulary",  # noqa: F821
+                   allow_other_checkpoint: bool = False) -> dict:
+    """Write the text side of `vocab` into `bundle`; returns the new manifest.
+
+    The new vocab file gets a new name and the manifest (written last) switches to it, so a
+    reader never sees a manifest that disagrees with its vocab file.
+    """
+    import json
+
+    from partclipseg.checkpoint import file_sha256, load_model
+    from partclipseg.model.deploy import vocab_arrays
+    from runtime import bundle as spec
+
+    from .bundle import update_manifest, write_vocab
+
+    manifest = spec.read_manifest(bundle)
+    root = manifest.root
+    want = manifest.raw.get("checkpoint", {}).get("sha256")
+    if want and file_sha256(ckpt) != want and not allow_other_checkpoint:
+        raise ValueError(f"{ckpt} is not the checkpoint {root} was exported from: its text "
+                         "vectors would not match the graph's weights (pass "
+                         "--allow-other-checkpoint only for a checkpoint with the same weights)")
+    model, _, _ = load_model(ckpt)
+    if model.cfg.mode != manifest.mode:
+        raise ValueError(f"{ckpt} is a {model.cfg.mode} model, the bundle is {manifest.mode}")
+    arrays = vocab_arrays(model, vocab)
+    digest = hashlib.sha256(json.dumps(vocab.to_dict(), sort_keys=True).encode()).hexdigest()
+    name = f"vocab-{digest[:10]}.npz"
+    write_vocab(root, arrays, name)
+    old = manifest.files["vocab"]["path"]
+    new = update_manifest(root, {"vocabulary": vocab.to_dict()}, {"vocab": name})
+    if old != name:
+        (root / old).unlink(missing_ok=True)
+    print(f"[export.vocab] {root}: {vocab.num_classes} classes ({len(vocab.objects)} objects, "
+          f"{len(vocab.parts)} parts) -> {name}")
+    engine = new.get("engine") or {}
+    worst = max(len(vocab.parts), len(vocab.objects), vocab.num_classes)
+    if engine and worst > engine.get("max_classes", worst):
+        print(f"[export.vocab] note: more than the engine's {engine['max_classes']} classes; "
+              "the TensorRT backend will run it in chunks")
+    return new
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.vocab", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--ckpt", required=True, help="the checkpoint the bundle was exported from")
+    p.add_argument("--classes", required=True, help="class file: one \"object's part\" per line")
+    p.add_argument("--allow-other-checkpoint", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from partclipseg.checkpoint import CheckpointError
+    from runtime.bundle import BundleError
+
+    try:
+        set_vocabulary(a.bundle, a.ckpt, read_class_file(a.classes), a.allow_other_checkpoint)
+    except (BundleError, CheckpointError, ValueError, OSError) as e:
+        print(f"export.vocab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
