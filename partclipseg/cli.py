@@ -180,6 +180,8 @@ def cmd_import_weights(a: argparse.Namespace) -> int:
         print(f"  approx.  {line}")
     for line in conv.not_in_source:
         print(f"  init     {line}")
+    for line in result.notes:
+        print(f"  NOTE     {line}")
     print(f"checkpoint (kind: init) written to {result.path}")
     return 0
 

@@ -7,6 +7,7 @@ random weights (no download), converts it, and compares stage-1 logits and text 
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -147,6 +148,11 @@ def test_bin_file_and_cli(hf_model, hf_dir, tmp_path):
                          adapters=False)
     ref_sd = load_checkpoint(ref.path)["state_dict"]
     assert all(torch.equal(v, ref_sd[k]) for k, v in rec["state_dict"].items())
+    assert rec["import_report"]["notes"] == []
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    res = import_weights(folder, tmp_path / "n.pt", image_size=96)
+    assert len(res.notes) == 1 and "0.485" in res.notes[0]
     # the wrong flag for the source kind is refused
     assert main(["import-weights", "--partclipseg", str(folder), "--out",
                  str(tmp_path / "x.pt")]) == 2

@@ -9,13 +9,14 @@ approximate / initialized keys).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.vocabulary import Vocabulary, VocabularyError
 
 from ..checkpoint import file_sha256, save_checkpoint
+from ..config import CLIP_MEAN, CLIP_STD
 from .clipseg import Conversion, convert_clipseg, detect_layout
 from .sources import WeightsError, read_weights
 
@@ -35,6 +36,7 @@ class ImportResult:
     path: Path
     conversion: Conversion
     initialized: list[str]  # our keys left at the model's initialization
+    notes: list[str] = field(default_factory=list)  # e.g. input normalization differs
 
 
 def resolve_vocabulary(spec: str | Vocabulary) -> Vocabulary:
@@ -101,12 +103,33 @@ def import_weights(source: str | Path, out: str | Path, *, expect: str | None = 
         raise WeightsError(f"the source does not provide these weights of the model: "
                            f"{blocked or initialized}")
     model.load_state_dict(conv.state_dict, strict=False)
+    notes = _preprocessing_notes(Path(source))
     files = [str(f) for f in foreign.files]
     extra_record: dict[str, Any] = {
         "kind": "init",
         "imported_from": {"path": str(source), "files": files,
                           "sha256": [file_sha256(f) for f in foreign.files]},
-        "import_report": {**conv.report(), "initialized": initialized},
+        "import_report": {**conv.report(), "initialized": initialized, "notes": notes},
     }
     path = save_checkpoint(out, model, vocabulary, extra=extra_record)
-    return ImportResult(path, conv, initialized)
+    return ImportResult(path, conv, initialized, notes)
+
+
+def _preprocessing_notes(source: Path) -> list[str]:
+    """Compare the source's HF image normalization (preprocessor_config.json) with ours."""
+    folder = source if source.is_dir() else source.parent
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return []
+    try:
+        pre = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [f"{path} is unreadable: input normalization not checked"]
+    mean, std = pre.get("image_mean"), pre.get("image_std")
+    if mean is None or std is None:
+        return []
+    if all(abs(a - b) < 1e-6 for a, b in zip(list(mean) + list(std), CLIP_MEAN + CLIP_STD)):
+        return []
+    return [f"the source was trained on inputs normalized with mean {mean}, std {std} "
+            f"({path.name}); partclipseg normalizes with CLIP's mean {list(CLIP_MEAN)}, std "
+            f"{list(CLIP_STD)}: outputs differ from the source's until fine-tuned"]
