@@ -43,3 +43,35 @@ def make_batch(torch, size: int = 160, batch: int = 2, seed: int = 0):
     part[:, 10 * s:15 * s, 8 * s:15 * s] = 4
     part[:, 9 * s:10 * s, 14 * s:15 * s] = 5
     return images, part, obj
+
+
+# -- checkpoints and bundles (export / runtime tests) ------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, torch):
+    """A random-init tiny PartCLIPSeg checkpoint over VOCAB."""
+    from partclipseg.checkpoint import save_checkpoint
+    from partclipseg.model import build_model
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", build_model("tiny"), VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg_ckpt(tmp_path_factory, torch):
+    from partclipseg.checkpoint import save_checkpoint
+    from partclipseg.model import build_model
+
+    torch.manual_seed(1)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "clipseg.pt",
+                           build_model("tiny", mode="clipseg"), VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_ckpt):
+    """FP32 + FP16 ONNX bundle of `tiny_ckpt` (read-only: copy it before changing it)."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_onnx(tiny_ckpt, out)
+    return out

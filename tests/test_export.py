@@ -1,0 +1,202 @@
+"""Export: ONNX graphs match PyTorch, FP16 keeps LayerNorm in FP32, bundles are atomic,
+engines build (TensorRT-RTX on CPU machines), new vocabularies need no rebuild."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from export.onnx import ExportError, export_onnx  # noqa: E402
+from runtime import bundle as spec  # noqa: E402
+from runtime.vocabulary import Vocabulary  # noqa: E402
+
+
+def _run(path, feed):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})
+
+
+def test_manifest_lists_every_file_with_size_and_hash(tiny_bundle):
+    m = spec.read_manifest(tiny_bundle)
+    assert m.raw["format"] == spec.FORMAT and m.raw["format_version"] == spec.FORMAT_VERSION
+    for key in ("vocab", "onnx_fp32", "onnx_fp16"):
+        entry = m.files[key]
+        path = m.file(key)
+        assert path.stat().st_size == entry["bytes"] and len(entry["sha256"]) == 64
+    assert list(m.raw["inputs"]) == list(spec.inputs_for_mode("partclipseg"))
+    assert m.raw["onnx"]["parity"]["fp32"]["rel_error"] < 1e-4
+    assert m.raw["producer"]["torch"] and m.raw["checkpoint"]["sha256"]
+    # Nothing left behind by staging.
+    assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(f".{tiny_bundle.name}.")]
+
+
+def test_onnx_matches_torch_on_another_vocabulary_and_batch(tiny_bundle, tiny_ckpt, torch):
+    """Class dimensions and batch are dynamic: a vocabulary of other sizes runs unchanged."""
+    from partclipseg.checkpoint import load_model
+    from partclipseg.config import CLIP_MEAN, CLIP_STD
+    from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
+
+    model, _, _ = load_model(tiny_ckpt)
+    other = Vocabulary.from_names([("cat", "tail"), ("cat", "ear"), ("red quadruped", "head"),
+                                   ("van", "wheel"), ("van", "door"), ("van", "window")])
+    feed = example_inputs(160, vocab_arrays(model, other), batch=3, seed=7)
+    with torch.no_grad():
+        ref = DeployModel(model, CLIP_MEAN, CLIP_STD)(
+            *(torch.from_numpy(feed[n]) for n in spec.inputs_for_mode("partclipseg")))
+    for name, tol in ((spec.ONNX_FP32, 1e-4), (spec.ONNX_FP16, 2e-2)):
+        out = _run(tiny_bundle / name, feed)
+        assert out[0].shape == (3, other.num_classes + 1, 160, 160)
+        assert out[1].shape == (3, len(other.objects) + 1, 160, 160)
+        for o, r in zip(out, ref):
+            r = r.numpy()
+            assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol, name
+
+
+def test_fp16_graph_keeps_layernorm_in_fp32(tiny_bundle):
+    g = onnx.load(str(tiny_bundle / spec.ONNX_FP16)).graph
+    inits = {i.name: i.data_type for i in g.initializer}
+    ln = [n for n in g.node if n.op_type == "LayerNormalization"]
+    assert ln, "opset 17 export should emit LayerNormalization nodes"
+    for n in ln:
+        assert inits.get(n.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+    big = [i for i in g.initializer if np.prod(i.dims) >= 1024]
+    fp16 = [i for i in big if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(fp16) >= 0.8 * len(big), "matmul/conv weights should be FP16"
+    # The interface stays float32 in every precision (keep_io_types).
+    io = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)}
+    assert io[spec.IMAGE] == onnx.TensorProto.UINT8
+    assert {io[n] for n in io if n not in spec.CLASS_INDEX + (spec.IMAGE,)} == {onnx.TensorProto.FLOAT}
+
+
+def test_failed_parity_leaves_previous_bundle_intact(tiny_bundle, tiny_ckpt, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    before = (out / spec.MANIFEST).read_text()
+    with pytest.raises(ExportError, match="exceeds"):
+        export_onnx(tiny_ckpt, out, fp16_tolerance=1e-12)
+    assert (out / spec.MANIFEST).read_text() == before
+    spec.read_vocab(spec.read_manifest(out))  # still a whole, usable bundle
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_clipseg_bundle_and_float_input(tiny_clipseg_ckpt, tmp_path):
+    m = export_onnx(tiny_clipseg_ckpt, tmp_path / "c", image_dtype="float32", image_size=128,
+                    fp16=False)
+    assert m["mode"] == "clipseg" and m["input_size"] == 128 and "onnx_fp16" not in m["files"]
+    sess = ort.InferenceSession(str(tmp_path / "c" / spec.ONNX_FP32))
+    assert [i.name for i in sess.get_inputs()] == list(spec.inputs_for_mode("clipseg"))
+    assert sess.get_inputs()[0].type == "tensor(float)"
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    from export.onnx import main
+
+    assert main(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_new_vocabulary_without_rebuild(tiny_bundle, tiny_ckpt, tmp_path):
+    from export.vocab import main, read_class_file
+    from runtime import Segmenter
+
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("# new names are fine\nred quadruped's head\ngreen cat's tail *\n"
+                       "green cat's head *\n")
+    assert read_class_file(classes).unseen_objects == {"green cat"}
+    onnx_before = (out / spec.ONNX_FP32).read_bytes()
+    assert main(["--bundle", str(out), "--ckpt", str(tiny_ckpt), "--classes", str(classes)]) == 0
+    seg = Segmenter.load(out, backend="onnxruntime")
+    assert seg.vocabulary.class_names == ("red quadruped's head", "green cat's tail",
+                                          "green cat's head")
+    assert (out / spec.ONNX_FP32).read_bytes() == onnx_before
+    assert len(list(out.glob("vocab*.npz"))) == 1
+    image = np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    assert seg.predict(image).labels.max() < 3
+
+    classes.write_text("red quadruped head\n")
+    assert main(["--bundle", str(out), "--ckpt", str(tiny_ckpt), "--classes", str(classes)]) == 2
+
+
+def test_new_vocabulary_refuses_another_checkpoint(tiny_bundle, tiny_clipseg_ckpt, tmp_path):
+    from export.vocab import set_vocabulary
+
+    with pytest.raises(ValueError, match="not the checkpoint"):
+        set_vocabulary(tiny_bundle, tiny_clipseg_ckpt, Vocabulary.from_names([("a", "b")]))
+
+
+# -- TensorRT --------------------------------------------------------------------------------
+def test_missing_tensorrt_names_the_pip_extra(monkeypatch):
+    import builtins
+
+    from runtime.backends import tensorrt as trt_backend
+
+    real_import = builtins.__import__
+
+    def no_trt(name, *a, **k):
+        if name.startswith("tensorrt"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_trt)
+    monkeypatch.setattr(trt_backend, "_FLAVOUR", None)
+    with pytest.raises(trt_backend.TensorRTUnavailable, match=r"partclipseg-deploy\[tensorrt\]"):
+        trt_backend.import_tensorrt()
+
+
+def test_engine_mismatch_says_what_to_rebuild():
+    from runtime.backends.tensorrt import engine_mismatch
+
+    info = {"tensorrt": {"flavour": "tensorrt", "version": "10.9.0"},
+            "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}}
+    h100 = {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    assert engine_mismatch(info, "tensorrt", "10.9.0", h100) is None
+    assert "10.9.0" in engine_mismatch(info, "tensorrt", "10.10.0", h100)
+    msg = engine_mismatch(info, "tensorrt", "10.9.0", {"name": "Orin", "compute_capability": "8.7"})
+    assert "8.7" in msg and "export.trt" in msg
+    assert "no NVIDIA GPU" in engine_mismatch(info, "tensorrt", "10.9.0", None)
+
+
+def test_profile_shapes_cover_the_vocabulary(tiny_bundle):
+    from export.trt import profile_shapes
+
+    manifest = json.loads((tiny_bundle / spec.MANIFEST).read_text())
+    shapes = profile_shapes(manifest, 1, 2, 4, 16)
+    assert shapes["image"] == [[1, 160, 160, 3], [2, 160, 160, 3], [4, 160, 160, 3]]
+    assert shapes["object_film_mul"][1][0] == 3 and shapes["object_film_mul"][2][0] == 17
+    with pytest.raises(ValueError, match="max-classes"):
+        profile_shapes(manifest, 1, 1, 4, 3)
+    with pytest.raises(ValueError, match="min-batch"):
+        profile_shapes(manifest, 2, 1, 4, 16)
+
+
+@pytest.mark.tensorrt
+def test_engine_builds_with_tensorrt(tiny_bundle, tmp_path):
+    """Parses model_fp16.onnx strongly typed and builds a real engine (TensorRT-RTX runs its
+    builder on CPU-only machines; executing the engine needs a supported GPU)."""
+    from runtime.backends.tensorrt import TensorRTUnavailable, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as e:
+        pytest.skip(str(e))
+    from export.trt import main
+
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    assert main(["--out", str(out), "--max-batch", "2", "--max-classes", "16"]) == 0
+    m = spec.read_manifest(out)
+    engine = m.raw["engine"]
+    assert m.file("engine").stat().st_size > 100_000
+    assert engine["strongly_typed"] and engine["onnx"] == spec.ONNX_FP16
+    assert engine["tensorrt"]["version"] and engine["profiles"][0]["class_film_mul"][2] == [16, 48]
+    assert (out / spec.TIMING_CACHE).is_file()
+    assert not list(out.glob("*.lock")) and not list(out.glob(".*"))
