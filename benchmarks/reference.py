@@ -1,0 +1,125 @@
+"""Benchmark models: random-init checkpoints exported to bundles, in one call.
+
+    python -m benchmarks.reference --out bundles/reference      # DESIGN section 6 speed model
+
+The reference speed model is ViT-B/16 at 352 px (`build_model("vit_b16")`, random weights) with
+the Pascal-Part-116 vocabulary (116 object-specific classes over 42 generalized parts and 16
+objects, `partclipseg.data.vocabularies.PASCAL_PART_116`). Random weights are fine for latency:
+no kernel's speed depends on the values. The pytest suite uses the same code path with the
+`tiny` model and the SynthParts vocabulary.
+
+The checkpoint is written next to the bundle (`bundles/reference.pt` for `--out
+bundles/reference`): the bundle folder is replaced atomically by every export, and the torch
+reference backend finds the checkpoint through the path the manifest records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from runtime.vocabulary import Vocabulary
+
+__all__ = ["BuiltBundle", "reference_vocabulary", "synthparts_vocabulary", "write_random_checkpoint",
+           "build_bundle", "checkpoint_path_for", "main"]
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    """A bundle folder, the checkpoint it was exported from and what the export took."""
+
+    bundle: Path
+    checkpoint: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float]  # {"checkpoint": s, "export": s}
+
+
+def reference_vocabulary() -> Vocabulary:
+    """Pascal-Part-116: 116 classes, 42 generalized parts, 16 objects (5 unseen)."""
+    from partclipseg.data.vocabularies import PASCAL_PART_116
+
+    return PASCAL_PART_116
+
+
+def synthparts_vocabulary() -> Vocabulary:
+    """The SynthParts vocabulary (88 classes, 13 parts, 16 objects, 4 unseen): parity runs need
+    the data set's own vocabulary."""
+    from partclipseg.data.synthparts import SYNTHPARTS_VOCABULARY
+
+    return SYNTHPARTS_VOCABULARY
+
+
+def checkpoint_path_for(bundle: str | Path) -> Path:
+    """Where `build_bundle` keeps the checkpoint of `bundle`: a sibling file `<bundle>.pt`."""
+    bundle = Path(bundle)
+    return bundle.parent / f"{bundle.name}.pt"
+
+
+def write_random_checkpoint(path: str | Path, config: str = "vit_b16",
+                            vocab: Vocabulary | None = None, seed: int = 0) -> Path:
+    """Random-init `build_model(config)` saved with `vocab` (default Pascal-Part-116)."""
+    import torch
+
+    from partclipseg.checkpoint import save_checkpoint
+    from partclipseg.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    return save_checkpoint(path, model, vocab or reference_vocabulary(),
+                           train_config={"note": f"random init, seed {seed}, for benchmarks"})
+
+
+def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | None = None,
+                 seed: int = 0, fp16: bool = True, check_batch: int = 1,
+                 checkpoint: str | Path | None = None) -> BuiltBundle:
+    """Export a bundle (FP32 + FP16 ONNX) of a random-init model to folder `out`.
+
+    checkpoint: export this existing checkpoint instead of writing a random one (a trained
+        model for parity runs); default: a fresh random-init `config` model saved at
+        `checkpoint_path_for(out)`.
+    check_batch: images of export's own ONNX Runtime (CPU) vs PyTorch parity check; keep it
+        small for ViT-B/16 (each image runs the full model on the CPU twice per precision).
+    """
+    from export.onnx import export_onnx
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    if checkpoint is None:
+        checkpoint = write_random_checkpoint(checkpoint_path_for(out), config, vocab, seed)
+    t1 = time.perf_counter()
+    manifest = export_onnx(checkpoint, out, fp16=fp16, check_batch=check_batch)
+    t2 = time.perf_counter()
+    return BuiltBundle(out, Path(checkpoint), manifest, {"checkpoint": t1 - t0, "export": t2 - t1})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reference",
+                                description="write the DESIGN section 6 reference speed model: "
+                                            "random-init ViT-B/16 @352, Pascal-Part-116 "
+                                            "vocabulary, FP32 + FP16 ONNX bundle")
+    p.add_argument("--out", default="bundles/reference", help="bundle folder (default "
+                   "bundles/reference; the checkpoint goes to <out>.pt)")
+    p.add_argument("--config", default="vit_b16", help="model config (default vit_b16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fp16", action="store_true", help="skip model_fp16.onnx")
+    p.add_argument("--check-batch", type=int, default=1,
+                   help="images for export's CPU parity check (default 1)")
+    a = p.parse_args(argv)
+    if a.check_batch < 1:
+        p.error("--check-batch must be >= 1")
+    built = build_bundle(a.out, a.config, seed=a.seed, fp16=not a.no_fp16,
+                         check_batch=a.check_batch)
+    v = Vocabulary.from_dict(built.manifest["vocabulary"])
+    print(f"reference bundle: {built.bundle} ({v.num_classes} classes, {len(v.parts)} parts, "
+          f"{len(v.objects)} objects, input {built.manifest['input_size']}); checkpoint "
+          f"{built.checkpoint}; checkpoint {built.seconds['checkpoint']:.1f} s, export "
+          f"{built.seconds['export']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
