@@ -5,7 +5,9 @@ import sys
 
 
 def test_runtime_imports_no_torch():
-    code = ("import sys, runtime, runtime.postprocess, runtime.preprocess, runtime.vocabulary; "
+    code = ("import sys, runtime, runtime.postprocess, runtime.preprocess, runtime.vocabulary, "
+            "runtime.segmenter, runtime.bundle, runtime.overlay, runtime.predict, "
+            "runtime.backends.onnxruntime, runtime.backends.tensorrt, runtime.backends.torch; "
             "bad = [m for m in ('torch', 'open_clip', 'partclipseg') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
