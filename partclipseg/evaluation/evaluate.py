@@ -19,7 +19,7 @@ from runtime.vocabulary import Vocabulary
 from ..data.datasets import IGNORE_INDEX, load_dataset
 from .metrics import PartSegEvaluator
 
-__all__ = ["SETTINGS", "evaluate", "eval_dataset"]
+__all__ = ["SETTINGS", "evaluate", "evaluate_segmenter", "eval_dataset"]
 
 SETTINGS = ("oracle-obj", "pred-all")
 
@@ -78,4 +78,41 @@ def evaluate(model: torch.nn.Module, dataset: Any, setting: str, vocab: Vocabula
     model.train(was_training)
     result = ev.compute()
     result.update(setting=setting, samples=n)
+    return result
+
+
+def evaluate_segmenter(seg: Any, dataset: Any, setting: str, limit: int | None = None,
+                       progress: bool = True, keep_labels: bool = False) -> dict[str, Any]:
+    """The same protocol as `evaluate`, through a deployed `runtime.Segmenter` (any backend).
+
+    The bundle's vocabulary must list the dataset's classes in its order. With `keep_labels`,
+    the result also holds "labels": the predicted (H, W) int32 maps, for pixel agreement.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    vocab = dataset.vocabulary
+    if seg.vocabulary.class_names != vocab.class_names:
+        raise ValueError("the bundle's vocabulary must list the dataset's classes in its order")
+    ev = PartSegEvaluator(vocab.num_classes, vocab.class_seen, vocab.class_names)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    labels = []
+    for i in tqdm(range(n), desc=f"eval {setting} ({seg.backend_name})", disable=not progress,
+                  leave=False):
+        s = dataset[i]
+        if setting == "oracle-obj":
+            present = np.unique(s["object"][s["object"] != IGNORE_INDEX])
+            if len(present) != 1:
+                raise ValueError(f"sample {s['name']}: Oracle-Obj needs exactly one object per "
+                                 f"sample, found {present.tolist()}")
+            pred = seg.predict(s["image"], object_mask=s["object"] == present[0],
+                               object_class=int(present[0])).labels
+        else:
+            pred = seg.predict(s["image"]).labels
+        ev.update(pred, s["part"])
+        if keep_labels:
+            labels.append(pred)
+    result = ev.compute()
+    result.update(setting=setting, samples=n, backend=seg.backend_name)
+    if keep_labels:
+        result["labels"] = labels
     return result
