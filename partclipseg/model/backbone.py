@@ -16,7 +16,17 @@ from torch import nn
 
 from ..config import ModelConfig
 
-__all__ = ["build_clip", "TappedViT", "TextEncoder", "tokenize"]
+__all__ = ["build_clip", "TappedViT", "TextEncoder", "tokenize", "with_pretrained_activation"]
+
+
+def with_pretrained_activation(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with quick_gelu switched on when its open_clip pretrained tag was trained with it
+    (OpenAI's weights were; open_clip only warns). Local weight files: set quick_gelu yourself."""
+    if cfg.pretrained and cfg.clip_name and not cfg.quick_gelu:
+        tag = open_clip.get_pretrained_cfg(cfg.clip_name, cfg.pretrained) or {}
+        if tag.get("quick_gelu"):
+            return cfg.replace(quick_gelu=True)
+    return cfg
 
 
 def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
@@ -28,7 +38,8 @@ def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
     if cfg.pretrained:
         if not cfg.clip_name:
             raise ValueError("pretrained weights need clip_name (an open_clip model name)")
-        model = open_clip.create_model(cfg.clip_name, pretrained=cfg.pretrained)
+        model = open_clip.create_model(cfg.clip_name, pretrained=cfg.pretrained,
+                                       force_quick_gelu=cfg.quick_gelu)
         got = (model.visual.transformer.width, len(model.visual.transformer.resblocks))
         want = (cfg.vision_cfg["width"], cfg.vision_cfg["layers"])
         if got != want:

@@ -24,7 +24,7 @@ from torch import nn
 from runtime.vocabulary import Vocabulary
 
 from ..config import ModelConfig
-from .backbone import TappedViT, TextEncoder, build_clip, tokenize
+from .backbone import TappedViT, TextEncoder, build_clip, tokenize, with_pretrained_activation
 from .decoder import Adapter, DecoderBlock, FiLM, MaskHead
 
 __all__ = ["PartCLIPSeg", "Conditioning", "SegOutput"]
@@ -79,6 +79,7 @@ class SegOutput:
 class PartCLIPSeg(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg = with_pretrained_activation(cfg)  # recorded, so checkpoints rebuild the same net
         self.cfg = cfg
         clip = build_clip(cfg)
         width, dim, emb = cfg.vision_width, cfg.reduce_dim, cfg.embed_dim
