@@ -1,0 +1,123 @@
+"""Latency of every backend/precision at batch 1, 8, 32 (DESIGN section 6), with PyTorch eager
+FP32 of the same model in the same run as the reference.
+
+Two calls per route and batch, in one pytest-benchmark group "<backend>/<precision>/b<batch>":
+  predict   `Segmenter.predict` (B = 1) / `predict_batch` (B > 1) end to end: (S, S, 3) uint8
+            frames in, (S, S) int32 label maps out (checks, stacking, backend, Pred-All
+            post-processing in numpy). Frames are at the model's input size S, so no resize.
+  backend   the bare `seg.backend.run(feed)`: (B, S, S, 3) uint8 + the bundle's vocabulary
+            arrays in, logits (B, K + 1, S, S) and object logits (B, O + 1, S, S) out.
+`test_cpu_onnxruntime_vs_torch` checks the CPU ratio target with its own interleaved timing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks.conftest import REFERENCE, BenchReport, Route
+from benchmarks.timing import time_calls
+
+# (warm-up calls, timed rounds) per batch; rounds shrink with the batch so b32 stays affordable.
+ROUNDS = {1: (2, 10), 8: (1, 5), 32: (1, 3)}
+QUICK_ROUNDS = {1: (1, 3), 8: (1, 2)}
+CPU_RATIO_TARGET = 1.5  # DESIGN section 6: ONNX Runtime >= 1.5x faster than torch eager FP32
+
+
+def _rounds(quick: bool, batch: int) -> tuple[int, int]:
+    return (QUICK_ROUNDS if quick else ROUNDS)[batch]
+
+
+def _feed(seg: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Graph inputs for the bundle's whole vocabulary: images + the precomputed text side."""
+    from runtime import bundle as spec
+
+    return {spec.IMAGE: images, **spec.read_vocab(seg.manifest)}
+
+
+def _run(benchmark: Any, fn: Any, route: Route, batch: int, call: str, seg: Any,
+         environment: dict[str, Any], bench_options: Any, report: BenchReport) -> None:
+    warmup, rounds = _rounds(bench_options.quick, batch)
+    benchmark.group = f"{route.backend}/{route.precision}/b{batch}"
+    benchmark.extra_info.update(environment)
+    benchmark.extra_info.update(backend=seg.backend_name, route=route.id, call=call, batch=batch,
+                                chunks=len(seg._select(None).chunks))
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median_ms = 1e3 * benchmark.stats.stats.median
+        benchmark.extra_info["images_per_s"] = 1e3 * batch / median_ms
+        report.latency[(route.id, call, batch)] = median_ms
+    return result
+
+
+def test_predict(benchmark: Any, route: Route, batch: int, open_segmenter: Any,
+                 frames: np.ndarray, environment: dict[str, Any], bench_options: Any,
+                 bench_report: BenchReport) -> None:
+    """End-to-end Segmenter.predict / predict_batch, Pred-All over the whole vocabulary."""
+    seg = open_segmenter(route)
+    images = list(frames[:batch])
+    fn = (lambda: [seg.predict(images[0])]) if batch == 1 else (lambda: seg.predict_batch(images))
+    out = _run(benchmark, fn, route, batch, "predict", seg, environment, bench_options,
+               bench_report)
+    s = seg.input_size
+    assert len(out) == batch
+    assert all(p.labels.shape == (s, s) and p.labels.dtype == np.int32 for p in out)
+
+
+def test_backend(benchmark: Any, route: Route, batch: int, open_segmenter: Any,
+                 frames: np.ndarray, environment: dict[str, Any], bench_options: Any,
+                 bench_report: BenchReport) -> None:
+    """The bare backend call on the bundle's own vocabulary."""
+    from runtime import bundle as spec
+
+    seg = open_segmenter(route)
+    feed = _feed(seg, np.ascontiguousarray(frames[:batch]))
+    out = _run(benchmark, lambda: seg.backend.run(feed), route, batch, "backend", seg,
+               environment, bench_options, bench_report)
+    k, s = seg.vocabulary.num_classes, seg.input_size
+    assert out[spec.LOGITS].shape == (batch, k + 1, s, s)
+    assert np.isfinite(out[spec.LOGITS]).all()
+
+
+def test_cpu_onnxruntime_vs_torch(bench_options: Any, open_segmenter: Any, frames: np.ndarray,
+                                  bench_report: BenchReport,
+                                  record_property: Any) -> None:
+    """DESIGN section 6, CPU: ONNX Runtime FP32 >= 1.5x faster than PyTorch eager FP32 at
+    batch 1, both through `Segmenter.predict`, measured here in the same process.
+
+    The two are timed interleaved (one call of each per round) so load from other processes
+    hits both alike; the ratio is of the medians. The bare backend ratio is reported too.
+    """
+    if bench_options.device != "cpu":
+        pytest.skip("the CPU ratio target applies to --device cpu")
+    ort, torch_ = open_segmenter(Route("onnxruntime", "fp32")), open_segmenter(REFERENCE)
+    image = frames[0]
+    runs = 5 if bench_options.quick else 15
+    medians: dict[str, dict[str, float]] = {}
+    for call in ("predict", "backend"):
+        feed = _feed(ort, frames[:1])
+        fns = {"onnxruntime": (lambda: ort.predict(image)) if call == "predict"
+               else (lambda: ort.backend.run(feed)),
+               "torch": (lambda: torch_.predict(image)) if call == "predict"
+               else (lambda: torch_.backend.run(feed))}
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for name, fn in fns.items():  # warm-up
+            time_calls(fn, warmup=1, min_runs=1, max_runs=1)
+        for _ in range(runs):
+            for name, fn in fns.items():
+                samples[name].extend(time_calls(fn, warmup=0, min_runs=1, max_runs=1).samples_ms)
+        medians[call] = {name: float(np.median(v)) for name, v in samples.items()}
+    ratio = {c: m["torch"] / m["onnxruntime"] for c, m in medians.items()}
+    for c, m in medians.items():
+        bench_report.ratios.append(
+            f"cpu b1 {c:<8}: torch-fp32 {m['torch']:.2f} ms, onnxruntime-fp32 "
+            f"{m['onnxruntime']:.2f} ms -> {ratio[c]:.2f}x (target >= {CPU_RATIO_TARGET}x on "
+            f"predict; {runs} interleaved runs)")
+        record_property(f"ratio_{c}", ratio[c])
+    assert ratio["predict"] >= CPU_RATIO_TARGET, (
+        f"ONNX Runtime FP32 predict is {ratio['predict']:.2f}x faster than torch eager FP32 "
+        f"({medians['predict']['onnxruntime']:.2f} vs {medians['predict']['torch']:.2f} ms "
+        f"median at batch 1); DESIGN section 6 wants >= {CPU_RATIO_TARGET}x. Bare backend "
+        f"call: {ratio['backend']:.2f}x")

@@ -1,0 +1,90 @@
+"""Accuracy parity on the SynthParts val split vs PyTorch FP32 (DESIGN section 6).
+
+Every route (backend/precision of --device) is evaluated through `runtime.Segmenter` under
+Oracle-Obj and Pred-All with the OV-PARTS protocol (`benchmarks.parity`), and compared with the
+torch FP32 reference backend on the same samples:
+  FP32: |d mIoU| <= 0.05 pt on seen, unseen and h-IoU, both settings.
+  FP16: |d mIoU| <= 0.3 pt, and pixel agreement >= 99.5% (Pred-All: every pixel; Oracle-Obj:
+        the object mask's pixels).
+Pixel agreement is reported for every route. A random-init model scores a near-zero mIoU, which
+makes the mIoU deltas a weak check: `partclipseg demo` first (demo/run/best.pt is then used) or
+pass --checkpoint / --bundle of a trained SynthParts model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks.conftest import REFERENCE, BenchBundle, BenchReport, Route, versus_reference
+from benchmarks.parity import EvalRun, compare, evaluate_segmenter
+
+SETTINGS = ("oracle-obj", "pred-all")
+MAX_DELTA = {"fp32": 0.05, "fp16": 0.3}  # |d mIoU| in percentage points
+MIN_AGREEMENT = {"fp16": 0.995}          # share of equal labels
+VAL_IMAGES, QUICK_VAL_IMAGES = 40, 16
+
+
+@pytest.fixture(scope="session")
+def val_split(bench_options: Any, tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, Any]:
+    """SynthParts val split (seed 0; 40 images, --quick 16) loaded for both settings."""
+    from partclipseg.data.synthparts import generate
+    from partclipseg.evaluation.evaluate import eval_dataset
+
+    n = QUICK_VAL_IMAGES if bench_options.quick else VAL_IMAGES
+    root = generate(tmp_path_factory.mktemp("synthparts") / "data", seed=0, n_train=0, n_val=n,
+                    progress=False)
+    return {s: eval_dataset("synthparts", str(root), "val", s) for s in SETTINGS}
+
+
+@pytest.fixture(scope="session")
+def evaluations(open_segmenter: Any, val_split: dict[str, Any]) -> Any:
+    """(route, setting) -> EvalRun, each computed once per session."""
+    cache: dict[tuple[Route, str], EvalRun] = {}
+
+    def get(route: Route, setting: str) -> EvalRun:
+        if (route, setting) not in cache:
+            cache[(route, setting)] = evaluate_segmenter(open_segmenter(route),
+                                                         val_split[setting], setting)
+        return cache[(route, setting)]
+
+    return get
+
+
+def test_reference_is_sane(evaluations: Any, bench_bundle: BenchBundle,
+                           bench_report: BenchReport) -> None:
+    """The torch FP32 reference evaluates to finite metrics on every sample."""
+    for setting in SETTINGS:
+        ref = evaluations(REFERENCE, setting)
+        m = ref.metrics
+        bench_report.parity.append(
+            f"{REFERENCE.id:<18} {setting:<10} seen {m['miou_seen']:6.2f}  unseen "
+            f"{m['miou_unseen']:6.2f}  h {m['h_iou']:6.2f}  ({len(ref.labels)} samples, "
+            f"{ref.seconds:.1f} s; model: {bench_bundle.source})")
+        assert m["num_images"] == len(ref.labels) > 0
+        assert 0.0 <= m["miou_all"] <= 100.0, m
+
+
+@versus_reference
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_parity(route: Route, setting: str, evaluations: Any, bench_report: BenchReport,
+                record_property: Any) -> None:
+    """mIoU (seen / unseen / h) within DESIGN's tolerance of torch FP32; FP16 label agreement."""
+    ours, ref = evaluations(route, setting), evaluations(REFERENCE, setting)
+    c = compare(ours, ref)
+    m = ours.metrics
+    bench_report.parity.append(
+        f"{route.id:<18} {setting:<10} seen {m['miou_seen']:6.2f}  unseen {m['miou_unseen']:6.2f}"
+        f"  h {m['h_iou']:6.2f}  max|d| {c.max_abs_delta():.3f} pt  agreement "
+        f"{100 * c.agreement:.3f}% (labeled px {100 * c.agreement_labeled:.3f}%)")
+    record_property("delta_pt", c.delta)
+    record_property("agreement", c.agreement)
+    limit = MAX_DELTA[route.precision]
+    assert c.max_abs_delta() <= limit, (  # NaN (defined for one side only) fails too
+        f"{route.id} {setting}: mIoU deltas vs torch FP32 {c.delta} exceed {limit} pt")
+    if route.precision in MIN_AGREEMENT:
+        assert c.agreement >= MIN_AGREEMENT[route.precision], (
+            f"{route.id} {setting}: {100 * c.agreement:.3f}% of pixels agree with torch FP32, "
+            f"DESIGN wants >= {100 * MIN_AGREEMENT[route.precision]:.1f}%")
