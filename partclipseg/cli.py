@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training YAML: a path or a shipped name (synthparts_tiny, ...)")
     t.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.csv")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or interrupted run in --out (default: refuse)")
     t.add_argument("--data-root", help="override data.root of the config")
     t.add_argument("--steps", type=_positive, help="override the number of steps")
     t.add_argument("--mode", choices=["partclipseg", "clipseg"], help="override the model mode")
@@ -122,7 +124,10 @@ def _train_config(a: argparse.Namespace) -> Any:
 def cmd_train(a: argparse.Namespace) -> int:
     from .training.trainer import train
 
-    result = train(_train_config(a), a.out, resume=a.resume, device=a.device)
+    if a.resume and a.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    result = train(_train_config(a), a.out, resume=a.resume, device=a.device,
+                   overwrite=a.overwrite)
     if result:
         print(f"best {result['best_score']:.2f} h-IoU; checkpoints in {result['out']}")
     return 0

@@ -74,7 +74,7 @@ def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = Non
 
     print(f"[2/4] training {cfg.model} for {cfg.steps} steps -> {out / 'run'}")
     t = time.perf_counter()
-    train(cfg, out / "run")
+    train(cfg, out / "run", overwrite=True)
     timings["train"] = time.perf_counter() - t
 
     print("[3/4] evaluating best.pt (seen / unseen / h-IoU)")

@@ -52,6 +52,30 @@ class TrainConfig:
     hflip: bool = True
     scale_range: tuple[float, float] = (0.75, 1.25)
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "num_workers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("lr", "weight_decay", "poly_power", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or \
+                    (name == "lr" and v == 0):
+                hint = (" (YAML reads 1e-4 as a string: write 1.0e-4)"
+                        if isinstance(v, str) else "")
+                raise ConfigError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'}"
+                                  f" number, got {v!r}{hint}")
+        if self.eval_setting not in ("oracle-obj", "pred-all"):
+            raise ConfigError(f"eval_setting must be 'oracle-obj' or 'pred-all', "
+                              f"got {self.eval_setting!r}")
+        lim = self.data.val_limit
+        if lim is not None and (not isinstance(lim, int) or lim <= 0):
+            raise ConfigError(f"data.val_limit must be a positive integer or null, got {lim!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model_overrides"] = dict(self.model_overrides)

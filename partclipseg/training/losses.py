@@ -21,6 +21,7 @@ blurred (3x3 Gaussian) and min-max normalized: map_j over the g x g keys, values
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,12 @@ __all__ = ["LossConfig", "PartCLIPSegLoss", "build_targets", "weighted_bce",
 IGNORE = -1  # no supervision, in loss targets
 DATA_IGNORE = -1  # object label of pixels that must not be supervised (e.g. unseen objects)
 DATA_BACKGROUND = 255  # part label "no part" and object label "background" in dataset arrays
+
+# Maps a local count (a 0-d tensor: valid pixels, object instances) to the normalizer a mean
+# divides by. None = the count itself (one process). Under DistributedDataParallel the trainer
+# passes "global count / world size", so that DDP's gradient averaging gives exactly the
+# gradient of the mean over the whole global batch, whatever each rank's share of valid pixels.
+Count = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,22 +75,52 @@ def build_targets(part: torch.Tensor, obj: torch.Tensor, num_classes: int, num_o
     return class_t, obj_t
 
 
-def weighted_bce(logits: torch.Tensor, target: torch.Tensor, background_weight: float
-                 ) -> torch.Tensor:
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor, background_weight: float,
+                 count: Count | None = None) -> torch.Tensor:
     """One-vs-all BCE-with-logits, last channel = background weighted by `background_weight`.
 
     logits (B, C, H, W); target (B, H, W) in [0, C) or -1 (ignored). Mean over valid pixels and
-    channels. Uses sum_c w_c softplus(x_c) - w_t x_t, which never materializes a one-hot.
+    channels. Uses sum_c w_c softplus(x_c) - w_t x_t, which never materializes a one-hot, and a
+    hand-written backward (w_c sigmoid(x_c) - w_t [c = t]) that makes one pass over the logits
+    instead of autograd's several (the loss is a large share of a CPU training step).
+    `count` maps the local number of valid pixels to the normalizer (see `PartCLIPSegLoss`).
     """
     c = logits.shape[1]
-    w = torch.ones(c, device=logits.device, dtype=logits.dtype)
-    w[-1] = background_weight
     valid = target >= 0
-    t = target.clamp(min=0)
-    neg = (F.softplus(logits) * w.view(1, c, 1, 1)).sum(1)
-    pos = logits.gather(1, t.unsqueeze(1)).squeeze(1) * w[t]
-    n = valid.sum().clamp(min=1) * c
-    return ((neg - pos) * valid).sum() / n
+    n = valid.sum()
+    n = (n if count is None else count(n)).clamp(min=1) * c
+    return _WeightedBCE.apply(logits, target, float(background_weight), n)
+
+
+class _WeightedBCE(torch.autograd.Function):
+    """sum over valid pixels of sum_c w_c softplus(x_c) - w_t x_t, divided by `n`."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, bg: float,  # type: ignore[override]
+                n: torch.Tensor) -> torch.Tensor:
+        valid = target >= 0
+        t = target.clamp(min=0).unsqueeze(1)
+        sp = F.softplus(logits)
+        neg = sp.sum(1)
+        if bg != 1.0:
+            neg = neg + (bg - 1.0) * sp[:, -1]
+        del sp
+        w_t = torch.where(t == logits.shape[1] - 1, bg, 1.0).to(logits.dtype)
+        pos = (logits.gather(1, t) * w_t).squeeze(1)
+        ctx.save_for_backward(logits, t, valid, w_t, n)
+        ctx.bg = bg
+        return ((neg - pos) * valid).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        logits, t, valid, w_t, n = ctx.saved_tensors
+        scale = (valid.to(logits.dtype) * (grad / n)).unsqueeze(1)  # (B, 1, H, W)
+        g = torch.sigmoid(logits)
+        g.mul_(scale)
+        if ctx.bg != 1.0:
+            g[:, -1:].mul_(ctx.bg)
+        g.scatter_add_(1, t, -(w_t * scale))
+        return g, None, None, None
 
 
 _BLUR = torch.tensor([1.0, 2.0, 1.0])
@@ -91,13 +128,16 @@ _BLUR = (_BLUR[:, None] * _BLUR[None, :] / 16).view(1, 1, 3, 3)  # 3x3 Gaussian,
 
 
 def attention_losses(attention: torch.Tensor, vocab: Vocabulary, class_t: torch.Tensor,
-                     obj_t: torch.Tensor, gamma: float = 0.3, tau: float = 0.05
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_sep, L_enh), both scalars in [0, 1].
+                     obj_t: torch.Tensor, gamma: float = 0.3, tau: float = 0.05,
+                     count: Count | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_sep, L_enh), both scalars in [0, 1]: means over the ground-truth object instances.
 
     attention: (B, P + O + 1, g*g, g*g) stage-1 last-block attention (CLS dropped) for the
     conditions of `vocab`; class_t/obj_t: (B, S, S) targets from `build_targets`.
+    `count` maps the local number of instances to the normalizer (see `PartCLIPSegLoss`); it
+    is called exactly once on every path (it may be a collective).
     """
+    count = count or (lambda x: x)
     b, _, n, _ = attention.shape
     g = int(round(n ** 0.5))
     k, p = vocab.num_classes, len(vocab.parts)
@@ -117,6 +157,7 @@ def attention_losses(attention: torch.Tensor, vocab: Vocabulary, class_t: torch.
             inst_img.append(i), inst_obj.append(o)
     zero = attention.sum() * 0
     if not pair_img:
+        count(torch.zeros((), device=attention.device))
         return zero, zero
     dev = attention.device
     pi = torch.tensor(pair_img, device=dev)
@@ -156,14 +197,16 @@ def attention_losses(attention: torch.Tensor, vocab: Vocabulary, class_t: torch.
     multi = (1 - p0 - p1).clamp(min=0)
     area = obj_masks.sum(1)
     keep = area > 0  # objects smaller than a token have no grid cells
+    n_keep = count(keep.sum().to(maps.dtype))
     if not keep.any():
         return zero, zero
-    l_sep = ((multi * obj_masks).sum(1)[keep] / area[keep]).mean()
+    n_keep = n_keep.clamp(min=1)
+    l_sep = ((multi * obj_masks).sum(1)[keep] / area[keep]).sum() / n_keep
 
     peaks = (maps * inside).max(1).values  # (n_pairs,)
     weakest = torch.full((n_inst,), float("inf"), device=dev, dtype=maps.dtype)
     weakest = weakest.scatter_reduce(0, inst, peaks, reduce="amin")
-    l_enh = (1 - weakest[keep]).mean()
+    l_enh = (1 - weakest[keep]).sum() / n_keep
     return l_sep, l_enh
 
 
@@ -171,26 +214,31 @@ class PartCLIPSegLoss(torch.nn.Module):
     """Total loss and its parts for either model mode.
 
     forward(out, vocab, class_t, obj_t) -> (total scalar, {name: float}).
+
+    `count` (optional) maps each local count a mean divides by (valid pixels, object
+    instances) to its normalizer; the trainer sets it under DDP to the all-reduced count
+    divided by the world size (see `Count`). The logged terms are then each rank's share.
     """
 
-    def __init__(self, cfg: LossConfig = LossConfig()):
+    def __init__(self, cfg: LossConfig = LossConfig(), count: Count | None = None):
         super().__init__()
         self.cfg = cfg
+        self.count = count
 
     def forward(self, out: SegOutput, vocab: Vocabulary, class_t: torch.Tensor,
                 obj_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg
-        terms = {"os": weighted_bce(out.logits, class_t, c.background_weight)}
+        terms = {"os": weighted_bce(out.logits, class_t, c.background_weight, self.count)}
         weights = {"os": c.os}
         if out.object_logits is not None:
             part_of = torch.tensor(vocab.class_parts + (len(vocab.parts),), device=class_t.device)
             part_t = torch.where(class_t >= 0, part_of[class_t.clamp(min=0)], IGNORE)
-            terms["obj"] = weighted_bce(out.object_logits, obj_t, c.background_weight)
-            terms["part"] = weighted_bce(out.part_logits, part_t, c.background_weight)
+            terms["obj"] = weighted_bce(out.object_logits, obj_t, c.background_weight, self.count)
+            terms["part"] = weighted_bce(out.part_logits, part_t, c.background_weight, self.count)
             weights.update(obj=c.obj, part=c.part)
             if out.attention is not None and (c.sep or c.enh):
                 terms["sep"], terms["enh"] = attention_losses(
-                    out.attention, vocab, class_t, obj_t, c.gamma, c.sep_temperature)
+                    out.attention, vocab, class_t, obj_t, c.gamma, c.sep_temperature, self.count)
                 weights.update(sep=c.sep, enh=c.enh)
         total = sum(weights[k] * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}

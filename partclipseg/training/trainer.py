@@ -89,14 +89,29 @@ def _ensure_synthparts(cfg: TrainConfig, rank: int) -> None:
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str | None = None,
-          progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+          progress: bool = True, stop_at: int | None = None, overwrite: bool = False
+          ) -> dict[str, Any]:
     """Train with `cfg`, writing `out/{last,best}.pt` and `out/metrics.csv`.
 
     `stop_at` ends the run early after that step (writing last.pt), as a time-boxed job or an
-    interruption would; `resume=True` then continues it to `cfg.steps`.
+    interruption would; `resume=True` then continues it to `cfg.steps`. A fresh run refuses an
+    `out` that already holds a run (last.pt or best.pt) unless `overwrite=True`, which deletes
+    that run's checkpoints and metrics first.
     Returns {"best_score", "history", "out"} on rank 0, {} on other ranks.
     """
     out = Path(out)
+    last_path, best_path, csv_path = out / "last.pt", out / "best.pt", out / "metrics.csv"
+    # Argument errors first: before any process group, dataset generation or write.
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"--resume: {last_path} does not exist; start without "
+                                "--resume or point --out at the run to continue")
+    if stop_at is not None and stop_at <= 0:
+        raise ValueError(f"stop_at must be a positive step, got {stop_at}")
+    if not resume and (last_path.exists() or best_path.exists()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a training run (last.pt/best.pt): pass "
+                                  "--resume to continue it, --overwrite to replace it, or "
+                                  "choose a new --out")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
     if distributed and not dist.is_initialized():
@@ -124,11 +139,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: poly_lr(s, cfg.steps, cfg.poly_power, cfg.warmup_steps))
     step, epoch, offset, best, history = 0, 0, 0, -math.inf, []
-    last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
-        if not last_path.is_file():
-            raise FileNotFoundError(f"--resume: {last_path} does not exist; start without "
-                                    "--resume or point --out at the run to continue")
         rec = load_checkpoint(last_path, map_location=dev)
         model.load_state_dict(rec["state_dict"])
         optim.load_state_dict(rec["optimizer"])
@@ -138,7 +149,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
         torch.set_rng_state(rec["rng"]["torch"].cpu())
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model
-    loss_fn = PartCLIPSegLoss(cfg.loss)
+    # Under DDP every mean divides by the global count / world, so the averaged gradient is
+    # the gradient of the mean over the whole global batch (ranks see unequal valid pixels).
+    loss_fn = PartCLIPSegLoss(cfg.loss, count=_global_count(world) if distributed else None)
     need_attention = model.cfg.mode == "partclipseg" and bool(cfg.loss.sep or cfg.loss.enh)
     amp = cfg.amp and dev.type == "cuda"
     val_cache: dict[str, Any] = {}
@@ -156,10 +169,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
         return evaluate(model, val_cache[cfg.eval_setting], cfg.eval_setting, full_vocab,
                         limit=cfg.data.val_limit, progress=progress)
 
-    csv_path = out / "metrics.csv"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if not resume:  # a fresh run (overwrite checked above): no rows of an old one
+            for p in (last_path, best_path, csv_path):
+                p.unlink(missing_ok=True)
+        elif csv_path.is_file():  # rows logged after last.pt was written happen again
+            _truncate_csv(csv_path, step)
+        _write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress or rank != 0,
                dynamic_ncols=True)
     stream = _batches(samples, cfg, rank, world, epoch, offset)
@@ -181,6 +198,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
         sched.step()
         step, offset = step + 1, b + 1
         seen_images += images.shape[0] * world
+        loss = loss.detach()
         if not math.isfinite(float(loss)):
             raise FloatingPointError(f"loss is {float(loss)} at step {step}: lower lr or check data")
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -212,6 +230,21 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     return {"best_score": best, "history": history, "out": str(out)}
 
 
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _global_count(world: int) -> Any:
+    """Local count -> all-reduced count / world (a collective: every rank calls it alike)."""
+    def count(n: torch.Tensor) -> torch.Tensor:
+        n = n.detach().to(torch.float64).clone()
+        dist.all_reduce(n)
+        return (n / world).to(torch.float32)
+    return count
+
+
 def _float(out: Any) -> Any:
     """Losses in float32 whatever the autocast dtype."""
     for f in ("logits", "object_logits", "part_logits", "attention"):
@@ -228,6 +261,17 @@ def _headline(m: dict[str, Any]) -> dict[str, float]:
 def _plain(m: dict[str, Any]) -> dict[str, Any]:
     """Metrics without the per-class list, as a weights_only-safe dict."""
     return {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` (logged by a run after its last checkpoint)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if len(r) == 3 and r[2].isdigit() and int(r[2]) <= step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+    os.replace(tmp, path)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:

@@ -1,0 +1,231 @@
+"""Training loop: checkpoints and metrics, resume to the step, DDP equals one process.
+
+Every run here is a few steps of a very small PartCLIPSeg (3-block 64-wide ViT at 64 px) on a
+16-image SynthParts set generated once per session.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+
+from partclipseg.checkpoint import load_checkpoint, load_model  # noqa: E402
+from partclipseg.config import ConfigError  # noqa: E402
+from partclipseg.training.config import (CONFIG_DIR, DataConfig, TrainConfig,  # noqa: E402
+                                         load_train_config)
+from partclipseg.training.losses import LossConfig  # noqa: E402
+from partclipseg.training.trainer import epoch_indices, train  # noqa: E402
+
+# A PartCLIPSeg small enough that a training step takes well under a second on 2 CPU cores.
+MICRO = {
+    "embed_dim": 64, "image_size": 64, "extract_layers": [0, 1, 2],
+    "vision_cfg": {"image_size": 224, "layers": 3, "width": 64, "head_width": 32,
+                   "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                 "layers": 1},
+    "adapter_hidden": 16, "reduce_dim": 16, "decoder_mlp_dim": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    from partclipseg.data.synthparts import generate
+
+    return generate(tmp_path_factory.mktemp("synthparts"), seed=0, n_train=16, n_val=4,
+                    image_size=64, progress=False)
+
+
+def micro_config(root: Path, **changes) -> TrainConfig:
+    cfg = TrainConfig(model="tiny", model_overrides=MICRO,
+                      data=DataConfig(root=str(root), val_limit=4), steps=6, batch_size=4,
+                      lr=1e-3, warmup_steps=2, grad_clip=1.0, eval_every=4, log_every=1,
+                      num_workers=0, seed=0)
+    return cfg.replace(**changes)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_training_writes_checkpoints_and_metrics(synth_root, tmp_path):
+    out = tmp_path / "run"
+    result = train(micro_config(synth_root), out, progress=False)
+    for name in ("best.pt", "last.pt", "metrics.csv", "config.json"):
+        assert (out / name).is_file(), name
+    rows = _csv_rows(out / "metrics.csv")
+    assert rows[0] == ["key", "value", "step"]
+    keys = {(r[0], int(r[2])) for r in rows[1:]}
+    assert {("loss", s) for s in range(1, 7)} <= keys  # log_every=1
+    assert {("sep", 6), ("enh", 6), ("val_h_iou", 4), ("val_miou_seen", 6)} <= keys
+    assert [h["step"] for h in result["history"]] == [4, 6]
+    last = load_checkpoint(out / "last.pt")
+    assert last["step"] == 6 and "optimizer" in last and "metrics" in last
+    model, vocab, record = load_model(out / "best.pt")
+    assert record["train_config"]["steps"] == 6
+    assert vocab.unseen_objects  # the full vocabulary (seen + unseen) travels with the weights
+    # Training changed the trainable weights and left the frozen ViT alone.
+    fresh = load_model(out / "last.pt")[0]
+    from partclipseg.model import build_model
+    torch.manual_seed(0)
+    init = build_model("tiny", **MICRO).state_dict()
+    trained = fresh.state_dict()
+    assert not torch.equal(init["film.mul.weight"], trained["film.mul.weight"])
+    assert torch.equal(init["vit.blocks.0.mlp.c_fc.weight"], trained["vit.blocks.0.mlp.c_fc.weight"])
+
+
+def test_resume_reproduces_an_uninterrupted_run(synth_root, tmp_path):
+    """stop_at + resume: bit-identical weights, optimizer state and metrics to one straight run.
+
+    Data order and augmentation depend on (seed, epoch, index) only and last.pt holds the
+    optimizer, scheduler, step and RNG state, so nothing differs: we require exact equality.
+    """
+    cfg = micro_config(synth_root)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(cfg, straight, progress=False)
+    train(cfg, split, progress=False, stop_at=2)  # mid-epoch (4 batches per epoch)
+    assert load_checkpoint(split / "last.pt")["step"] == 2
+    assert not (split / "best.pt").exists()  # no evaluation yet at step 2
+    train(cfg, split, progress=False, resume=True)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    assert a["step"] == b["step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["metrics"] == b["metrics"]
+    # The resumed run's log has each step once (rows after last.pt would be dropped).
+    steps = [int(r[2]) for r in _csv_rows(split / "metrics.csv")[1:] if r[0] == "loss"]
+    assert steps == list(range(1, 7))
+
+
+def test_fresh_run_refuses_an_existing_run_unless_overwrite(synth_root, tmp_path):
+    cfg = micro_config(synth_root, steps=1, eval_every=1)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, out, progress=False)
+    assert (out / "last.pt").read_bytes() == before
+    train(cfg.replace(seed=1), out, progress=False, overwrite=True)
+    rows = _csv_rows(out / "metrics.csv")
+    assert [r[2] for r in rows[1:] if r[0] == "loss"] == ["1"]  # the old run's rows are gone
+
+
+def test_resume_without_last_checkpoint_writes_nothing(tmp_path):
+    root, out = tmp_path / "data", tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        train(TrainConfig(model="tiny", data=DataConfig(root=str(root))), out, resume=True)
+    assert not root.exists() and not out.exists()  # no dataset generated, no run folder
+
+
+def test_ddp_shards_partition_each_global_batch():
+    n, world, batch = 22, 2, 4
+    single = epoch_indices(n, seed=3, epoch=1)
+    shards = [epoch_indices(n, seed=3, epoch=1, rank=r, world=world) for r in range(world)]
+    assert len(set(shards[0]) | set(shards[1])) == len(shards[0]) + len(shards[1])
+    local = batch // world
+    for b in range(len(shards[0]) // local):
+        union = sorted(int(i) for s in shards for i in s[b * local:(b + 1) * local])
+        assert union == sorted(single[b * batch:(b + 1) * batch].tolist())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one_process(synth_root, tmp_path):
+    """torchrun, 2 CPU (gloo) ranks x local batch 2 == 1 process x batch 4, to float tolerance.
+
+    Ranks see different numbers of valid pixels and objects; the trainer normalizes every mean
+    by the global count, so the all-reduced gradient is the one-process gradient exactly
+    (up to summation order). A control run on one rank's half batch must differ by far more:
+    that is what shows the gradients were synchronized.
+    """
+    cfg = micro_config(synth_root, steps=4, eval_every=4, lr=1e-4, warmup_steps=0)
+    cfg_path = tmp_path / "micro.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    ddp_out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+           "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "partclipseg.cli", "train", "--config", str(cfg_path), "--out", str(ddp_out),
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in ddp_out.iterdir()) == [
+        "best.pt", "config.json", "last.pt", "metrics.csv"]  # one writer, no stray files
+
+    torch.set_num_threads(1)
+    try:
+        train(cfg, tmp_path / "single", progress=False)
+        train(cfg.replace(batch_size=2), tmp_path / "half", progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    d, s, h = (_weights(tmp_path / n / "last.pt") for n in ("ddp", "single", "half"))
+    diff = max(float((d[k] - s[k]).abs().max()) for k in d)
+    control = max(float((h[k] - s[k]).abs().max()) for k in h)
+    assert diff < 2e-5, diff
+    assert control > 50 * max(diff, 1e-7), (control, diff)
+
+
+# -- configs -------------------------------------------------------------------------------------
+SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_expected_configs_are_shipped():
+    assert {"synthparts_tiny.yaml", "synthparts_vitb16.yaml", "pascal_part_116.yaml",
+            "ade20k_part_234.yaml", "partimagenet.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads_and_names_a_model(name):
+    from partclipseg.config import load_model_config
+
+    cfg = load_train_config(name)
+    model_cfg = load_model_config(cfg.model, **dict(cfg.model_overrides))
+    assert cfg.batch_size > 0 and cfg.steps > 0
+    assert model_cfg.mode == "partclipseg"
+    assert load_train_config(CONFIG_DIR / name) == cfg
+
+
+@pytest.mark.parametrize("name", ["pascal_part_116", "ade20k_part_234", "partimagenet"])
+def test_real_dataset_configs_use_the_paper_recipe(name):
+    from partclipseg.config import load_model_config
+
+    cfg = load_train_config(name)
+    assert (cfg.lr, cfg.weight_decay, cfg.poly_power, cfg.steps, cfg.batch_size,
+            cfg.grad_clip) == (1e-4, 1e-4, 0.9, 20_000, 8, 0.01)
+    assert cfg.data.kind == name
+    assert cfg.loss == LossConfig()  # L_os + L_obj + L_part + 0.1 L_sep + 0.01 L_enh
+    m = load_model_config(cfg.model, **dict(cfg.model_overrides))
+    assert (m.clip_name, m.pretrained, m.image_size, m.extract_layers) == (
+        "ViT-B-16", "openai", 352, (3, 6, 9))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"lr": "1e-4"}, "write 1.0e-4"),
+    ({"eval_setting": "oracle"}, "eval_setting"),
+    ({"data": {"val_limit": 0}}, "val_limit"),
+    ({"stepz": 5}, "unknown keys"),
+])
+def test_bad_train_configs_are_refused_clearly(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(bad)
