@@ -17,7 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["build_engine", "profile_shapes", "build_parser", "main"]
+__all__ = ["build_engine", "profile_shapes", "EngineBuildError", "build_parser", "main"]
+
+
+class EngineBuildError(RuntimeError):
+    """TensorRT parsed the graph but could not build an engine."""
 
 
 def _log(msg: str) -> None:
@@ -98,9 +102,19 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
          f"batch {min_batch}-{max_batch}, up to {max_classes} classes)")
     t = time.perf_counter()
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-    serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        serialized = EngineBytesFromNetwork(network, config=config,
+                                            save_timing_cache=str(cache))()
+    except PolygraphyException as e:
+        serialized, reason = None, str(e)
+    else:
+        reason = "no engine returned"
     if serialized is None:
-        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path}")
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path} ({reason}; "
+                               "TensorRT's log above names the cause). Out of memory: lower "
+                               "--max-batch / --max-classes or raise --workspace")
     engine = bytes(serialized)
     build_s = time.perf_counter() - t
     cache.with_name(cache.name + ".lock").unlink(missing_ok=True)  # Polygraphy's file lock
@@ -148,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         build_engine(a.out, a.ckpt, a.min_batch, a.opt_batch, a.max_batch, a.max_classes,
                      a.workspace, a.timing_cache, a.precision, a.flavour)
-    except (TensorRTUnavailable, BundleError, CheckpointError, ExportError, ValueError,
-            FileNotFoundError) as e:
+    except (TensorRTUnavailable, BundleError, CheckpointError, ExportError, EngineBuildError,
+            ValueError, FileNotFoundError) as e:
         print(f"export.trt: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -200,3 +200,30 @@ def test_engine_builds_with_tensorrt(tiny_bundle, tmp_path):
     assert engine["tensorrt"]["version"] and engine["profiles"][0]["class_film_mul"][2] == [16, 48]
     assert (out / spec.TIMING_CACHE).is_file()
     assert not list(out.glob("*.lock")) and not list(out.glob(".*"))
+
+
+@pytest.mark.slow
+@pytest.mark.tensorrt
+def test_vit_b16_reference_exports_and_builds(tmp_path, torch):
+    """The paper-size graph (ViT-B/16 @352, random weights) exports with parity and its FP16
+    graph builds into a strongly typed engine. Minutes on a 2-core CPU: `pytest -m slow`."""
+    from runtime.backends.tensorrt import TensorRTUnavailable, import_tensorrt
+
+    from partclipseg.checkpoint import save_checkpoint
+    from partclipseg.model import build_model
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.from_names([(f"object{o}", f"part{p}") for o in range(4)
+                                   for p in range(o, o + 3)], unseen_objects=["object3"])
+    ckpt = save_checkpoint(tmp_path / "vitb16.pt", build_model("vit_b16"), vocab)
+    manifest = export_onnx(ckpt, tmp_path / "b", check_batch=1)
+    assert manifest["input_size"] == 352 and manifest["onnx"]["parity"]["fp16"]["rel_error"] < 2e-2
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as e:
+        pytest.skip(str(e))
+    from export.trt import main
+
+    # Modest profile: TensorRT-RTX sizes activations for the largest shape, within host memory.
+    assert main(["--out", str(tmp_path / "b"), "--max-batch", "2", "--max-classes", "32"]) == 0
+    assert spec.read_manifest(tmp_path / "b").file("engine").stat().st_size > 50e6
