@@ -50,7 +50,7 @@ def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int) -
 
     mode = deploy.mode
     names = spec.inputs_for_mode(mode)
-    outputs = spec.outputs_for_mode(mode)
+    outputs = spec.outputs_for_mode(mode, deploy.labels)
     axis = {spec.PART_FILM[0]: "parts", spec.PART_FILM[1]: "parts",
             spec.OBJECT_FILM[0]: "objects_bg", spec.OBJECT_FILM[1]: "objects_bg"}
     dynamic = {spec.IMAGE: {0: "batch"}}
@@ -58,6 +58,9 @@ def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int) -
     dynamic[spec.LOGITS] = {0: "batch", 1: "classes_bg"}
     if spec.OBJECT_LOGITS in outputs:
         dynamic[spec.OBJECT_LOGITS] = {0: "batch", 1: "objects_bg"}
+    if spec.LABELS in outputs:
+        dynamic = {k: v for k, v in dynamic.items() if k in names}
+        dynamic[spec.LABELS] = {0: "batch"}
     args = tuple(torch.from_numpy(inputs[n]) for n in names)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic.
@@ -122,13 +125,16 @@ def _versions() -> dict[str, str]:
 
 
 def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: int | None = None,
-                image_dtype: str = "uint8", fp16: bool = True, check_batch: int = 2,
+                image_dtype: str = "uint8", fp16: bool = True, labels: bool = False,
+                check_batch: int = 2,
                 fp32_tolerance: float = FP32_TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE,
                 ) -> dict[str, Any]:
     """Write a bundle for checkpoint `ckpt` to folder `out`; returns the manifest dict.
 
     image_size: model input side (default: the checkpoint's); position embeddings are resized.
     image_dtype: "uint8" or "float32" for the image input (both RGB, 0-255, (B, S, S, 3)).
+    labels: also write label-map graphs (Pred-All in the graph, output (B, S, S) int32): the
+        fast path on GPUs, where copying per-class maps to the host dominates.
     Raises ExportError when a graph disagrees with PyTorch beyond the tolerances (relative L2
     of the logits on `check_batch` fresh random images).
     """
@@ -159,7 +165,6 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             pos = resize_pos_embed(model.vit.positional_embedding.detach(), model.cfg.grid_size)
         model.vit.positional_embedding = torch.nn.Parameter(pos, requires_grad=False)
     size, mode = model.cfg.image_size, model.cfg.mode
-    deploy = DeployModel(model, CLIP_MEAN, CLIP_STD).eval()
     arrays = vocab_arrays(model, vocab)
     _log(f"{ckpt} -> {out}: {mode}, {vocab.num_classes} classes, input {size}x{size} {image_dtype}")
 
@@ -167,32 +172,45 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     with staged_bundle(out) as stage:
         write_vocab(stage, arrays, spec.VOCAB_FILE)
         trace_in = example_inputs(size, arrays, batch=1, seed=0, dtype=image_dtype)
-        t = time.perf_counter()
-        _trace(deploy, trace_in, stage / spec.ONNX_FP32, opset)
-        _log(f"  traced in {time.perf_counter() - t:.1f} s")
-        graph = _finish_graph(stage / spec.ONNX_FP32)
-        files = {"vocab": spec.VOCAB_FILE, "onnx_fp32": spec.ONNX_FP32}
-        if fp16:
-            _to_fp16(graph, stage / spec.ONNX_FP16)
-            files["onnx_fp16"] = spec.ONNX_FP16
-
-        # Parity on images the trace never saw.
         check_in = example_inputs(size, arrays, batch=check_batch, seed=1, dtype=image_dtype)
-        with torch.no_grad():
-            names = spec.inputs_for_mode(mode)
-            ref = [o.numpy() for o in deploy(*(torch.from_numpy(check_in[n]) for n in names))]
-        checks = [("fp32", spec.ONNX_FP32, fp32_tolerance)]
-        if fp16:
-            checks.append(("fp16", spec.ONNX_FP16, fp16_tolerance))
-        for precision, name, tol in checks:
-            p = parity(_ort_run(stage / name, check_in), ref)
-            parities[precision] = {**p, "tolerance": tol, "images": check_batch}
-            _log(f"  ONNX Runtime {precision} vs PyTorch: relative error {p['rel_error']:.2e} "
-                 f"(tolerance {tol:.0e}), argmax agreement {100 * p['argmax_agreement']:.2f}%")
-            if not p["rel_error"] <= tol:  # also catches NaN
-                raise ExportError(f"{name}: relative error {p['rel_error']:.3e} vs PyTorch exceeds "
-                                  f"{tol:.0e}; the bundle was not written (the previous one, if "
-                                  "any, is untouched)")
+        names = spec.inputs_for_mode(mode)
+        variants = [(False, "", spec.ONNX_FP32, spec.ONNX_FP16)]
+        if labels:
+            variants.append((True, "_labels", spec.ONNX_FP32_LABELS, spec.ONNX_FP16_LABELS))
+        files = {"vocab": spec.VOCAB_FILE}
+        for is_labels, suffix, fp32_name, fp16_name in variants:
+            graph_model = DeployModel(model, CLIP_MEAN, CLIP_STD, labels=is_labels).eval()
+            t = time.perf_counter()
+            _trace(graph_model, trace_in, stage / fp32_name, opset)
+            _log(f"  {fp32_name}: traced in {time.perf_counter() - t:.1f} s")
+            graph = _finish_graph(stage / fp32_name)
+            files[f"onnx_fp32{suffix}"] = fp32_name
+            if fp16:
+                _to_fp16(graph, stage / fp16_name)
+                files[f"onnx_fp16{suffix}"] = fp16_name
+            # Parity on images the trace never saw.
+            with torch.no_grad():
+                ref = [o.numpy() for o in graph_model(*(torch.from_numpy(check_in[n])
+                                                        for n in names))]
+            checks = [("fp32", fp32_name, fp32_tolerance)]
+            if fp16:
+                checks.append(("fp16", fp16_name, fp16_tolerance))
+            for precision, name, tol in checks:
+                got = _ort_run(stage / name, check_in)
+                if is_labels:  # label maps: agreement, against 1 - tolerance * 10
+                    agree = float(np.mean(got[0] == ref[0]))
+                    p = {"label_agreement": agree, "tolerance": 1 - 10 * tol}
+                    ok, shown = agree >= 1 - 10 * tol, f"label agreement {100 * agree:.2f}%"
+                else:
+                    p = {**parity(got, ref), "tolerance": tol}
+                    ok = p["rel_error"] <= tol  # also False for NaN
+                    shown = (f"relative error {p['rel_error']:.2e} (tolerance {tol:.0e}), argmax "
+                             f"agreement {100 * p['argmax_agreement']:.2f}%")
+                parities[f"{precision}{suffix}"] = {**p, "images": check_batch}
+                _log(f"  ONNX Runtime {name} vs PyTorch: {shown}")
+                if not ok:
+                    raise ExportError(f"{name} disagrees with PyTorch ({shown}); the bundle was "
+                                      "not written (the previous one, if any, is untouched)")
 
         dyn = {"batch": "B", "parts": "P", "objects_bg": "O+1", "classes": "K"}
         d = model.cfg.reduce_dim
@@ -210,8 +228,10 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             "vocabulary": vocab.to_dict(), "model_config": model.cfg.to_dict(),
             "checkpoint": {"path": str(ckpt.absolute()), "sha256": file_sha256(ckpt)},
             "inputs": {n: {"shape": s, "dtype": t} for n, (s, t) in shapes.items()},
-            "outputs": {n: {"shape": ["B", "K+1" if n == spec.LOGITS else "O+1", size, size],
-                            "dtype": "float32"} for n in spec.outputs_for_mode(mode)},
+            "outputs": {**{n: {"shape": ["B", "K+1" if n == spec.LOGITS else "O+1", size, size],
+                               "dtype": "float32"} for n in spec.outputs_for_mode(mode)},
+                        **({spec.LABELS: {"shape": ["B", size, size], "dtype": "int32"}}
+                           if labels else {})},
             "onnx": {"opset": opset, "fp16_kept_fp32_ops": FP16_KEEP_FP32, "parity": parities},
             "precisions": ["fp32"] + (["fp16"] if fp16 else []),
             "producer": _versions(),
@@ -233,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dtype", choices=["uint8", "float32"], default="uint8",
                    help="dtype of the image input (RGB 0-255 either way; default uint8)")
     p.add_argument("--no-fp16", action="store_true", help="skip model_fp16.onnx")
+    p.add_argument("--labels", action="store_true",
+                   help="also write label-map graphs (Pred-All in the graph; fast GPU path)")
     p.add_argument("--fp32-tolerance", type=float, default=FP32_TOLERANCE)
     p.add_argument("--fp16-tolerance", type=float, default=FP16_TOLERANCE)
     return p
@@ -244,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         export_onnx(a.ckpt, a.out, opset=a.opset, image_size=a.image_size,
-                    image_dtype=a.image_dtype, fp16=not a.no_fp16,
+                    image_dtype=a.image_dtype, fp16=not a.no_fp16, labels=a.labels,
                     fp32_tolerance=a.fp32_tolerance, fp16_tolerance=a.fp16_tolerance)
     except (CheckpointError, ExportError, ValueError, OSError) as e:
         print(f"export.onnx: error: {e}", file=sys.stderr)

@@ -39,8 +39,8 @@ import numpy as np
 from .vocabulary import Vocabulary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "IMAGE", "LOGITS", "OBJECT_LOGITS", "VOCAB_INPUTS",
-           "inputs_for_mode", "outputs_for_mode", "BundleError", "Manifest", "read_manifest",
-           "read_vocab", "file_entry", "MANIFEST", "VOCAB_FILE", "ONNX_FP32", "ONNX_FP16", "ENGINE",
+           "LABELS", "inputs_for_mode", "outputs_for_mode", "BundleError", "Manifest", "read_manifest",
+           "read_vocab", "file_entry", "MANIFEST", "VOCAB_FILE", "ONNX_FP32", "ONNX_FP16", "ONNX_FP32_LABELS", "ONNX_FP16_LABELS", "ENGINE",
            "TIMING_CACHE"]
 
 FORMAT = "partclipseg-bundle"
@@ -48,10 +48,13 @@ FORMAT_VERSION = 1
 MANIFEST, VOCAB_FILE = "manifest.json", "vocab.npz"
 ONNX_FP32, ONNX_FP16, ENGINE, TIMING_CACHE = ("model.onnx", "model_fp16.onnx", "model.engine",
                                               "timing.cache")
+# Optional label-map graphs (export --labels): Pred-All computed in the graph.
+ONNX_FP32_LABELS, ONNX_FP16_LABELS = "model_labels.onnx", "model_fp16_labels.onnx"
 
 IMAGE = "image"
 LOGITS = "logits"
 OBJECT_LOGITS = "object_logits"
+LABELS = "labels"  # (B, S, S) int32 Pred-All label map, -1 background (label-map graphs)
 PART_FILM = ("part_film_mul", "part_film_add")
 OBJECT_FILM = ("object_film_mul", "object_film_add")
 CLASS_FILM = ("class_film_mul", "class_film_add")
@@ -66,8 +69,14 @@ def inputs_for_mode(mode: str) -> tuple[str, ...]:
     return (IMAGE,) + VOCAB_INPUTS
 
 
-def outputs_for_mode(mode: str) -> tuple[str, ...]:
+def outputs_for_mode(mode: str, labels: bool = False) -> tuple[str, ...]:
+    if labels:
+        return (LABELS,)
     return (LOGITS,) if mode == "clipseg" else (LOGITS, OBJECT_LOGITS)
+
+
+MODES = ("partclipseg", "clipseg")
+IMAGE_DTYPES = ("uint8", "float32")
 
 
 class BundleError(RuntimeError):
@@ -91,14 +100,24 @@ class Manifest:
     def root(self) -> Path:
         return self.path.parent
 
-    def file(self, key: str) -> Path:
-        """Absolute path of a bundle file by its manifest key ("onnx_fp32", "engine", ...)."""
+    def file(self, key: str, verify: bool = True) -> Path:
+        """Absolute path of a bundle file by its manifest key ("onnx_fp32", "engine", ...).
+
+        Checks the size and (verify=True) the SHA-256 the manifest records: a truncated, damaged
+        or swapped file is named here, before a backend parses it (one read of the file).
+        """
         if key not in self.files:
             raise BundleError(f"bundle {self.root} has no {key!r} file (has: "
                               f"{sorted(self.files)}); re-export it with python -m export.onnx"
                               + (" / export.trt" if key == "engine" else ""))
         entry = self.files[key]
-        p = self.root / entry["path"]
+        name = entry.get("path")
+        # Bundle files are plain names inside the bundle folder: a manifest cannot point the
+        # runtime at files elsewhere ("../x", "/etc/x").
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise BundleError(f"{self.path}: file {key!r} has path {name!r}, not a file name "
+                              "inside the bundle folder; re-export the bundle")
+        p = self.root / name
         if not p.is_file():
             raise BundleError(f"bundle file {p} is missing; re-export the bundle")
         size = p.stat().st_size
@@ -106,6 +125,12 @@ class Manifest:
             raise BundleError(f"bundle file {p} has {size} bytes, the manifest says "
                               f"{entry['bytes']}: it is truncated or was replaced; re-export the "
                               "bundle")
+        if verify and "sha256" in entry:
+            digest = _sha256(p)
+            if digest != entry["sha256"]:
+                raise BundleError(f"bundle file {p} is corrupt: its SHA-256 {digest[:12]}... is "
+                                  f"not the manifest's {str(entry['sha256'])[:12]}... (damaged "
+                                  "or replaced after export); re-export the bundle")
         return p
 
     def has(self, key: str) -> bool:
@@ -130,12 +155,46 @@ def read_manifest(bundle: str | Path) -> Manifest:
         raise BundleError(f"{path} has bundle format {version!r}; this runtime reads up to "
                           f"{FORMAT_VERSION}: upgrade partclipseg-deploy")
     try:
-        return Manifest(path=path, mode=raw["mode"], input_size=int(raw["input_size"]),
-                        mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-                        vocabulary=Vocabulary.from_dict(raw["vocabulary"]),
-                        files={k: dict(v) for k, v in raw["files"].items()}, raw=raw)
+        manifest = Manifest(path=path, mode=raw["mode"], input_size=int(raw["input_size"]),
+                            mean=tuple(raw["mean"]), std=tuple(raw["std"]),
+                            vocabulary=Vocabulary.from_dict(raw["vocabulary"]),
+                            files={k: dict(v) for k, v in raw["files"].items()}, raw=raw)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{path} lacks a valid field ({e!r}); re-export the bundle") from e
+    _check_consistent(manifest)
+    return manifest
+
+
+def _check_consistent(m: Manifest) -> None:
+    """Fields the runtime relies on agree with each other (a damaged manifest is named here,
+    not as a shape error inside a backend)."""
+    raw, bad = m.raw, []
+    if m.mode not in MODES:
+        bad.append(f"mode {m.mode!r} (expected one of {MODES})")
+    if m.input_size <= 0:
+        bad.append(f"input_size {m.input_size}")
+    dtype = raw.get("image_dtype", "uint8")
+    if dtype not in IMAGE_DTYPES:
+        bad.append(f"image_dtype {dtype!r} (expected one of {IMAGE_DTYPES})")
+    image = (raw.get("inputs") or {}).get(IMAGE) if isinstance(raw.get("inputs"), dict) else None
+    if isinstance(image, dict):
+        want = ["B", m.input_size, m.input_size, 3]
+        if image.get("shape") != want or image.get("dtype", dtype) != dtype:
+            bad.append(f"inputs.image {image} vs input_size {m.input_size} / image_dtype "
+                       f"{dtype!r}")
+    if len(m.mean) != 3 or len(m.std) != 3:
+        bad.append("mean/std need 3 values")
+    if bad:
+        raise BundleError(f"{m.path} is inconsistent: " + "; ".join(bad) +
+                          "; re-export the bundle")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def file_entry(root: Path, name: str) -> dict[str, Any]:
@@ -161,6 +220,17 @@ def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:
     missing = [n for n in need if n not in arrays]
     if missing:
         raise BundleError(f"{path} lacks arrays {missing}")
+    for n in need:
+        a = arrays[n]
+        if n in CLASS_INDEX:
+            ok = a.dtype.kind in "iu" and a.ndim == 1
+        else:
+            ok = a.dtype.kind == "f" and a.ndim == 2 and bool(np.isfinite(a).all())
+        if not ok:
+            raise BundleError(f"{path}: array {n!r} ({a.dtype}, shape {a.shape}) is not a "
+                              + ("1-d integer index" if n in CLASS_INDEX else
+                                 "2-d array of finite floats (NaN/Inf would give NaN logits)")
+                              + "; rebuild it with `python -m export.vocab`")
     v = manifest.vocabulary
     k, o = v.num_classes, len(v.objects)
     expect_obj = (k if manifest.mode == "clipseg" else o) + 1

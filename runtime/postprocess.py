@@ -15,7 +15,7 @@ import numpy as np
 
 from .preprocess import InputError
 
-__all__ = ["BACKGROUND", "resize_bilinear", "oracle_obj", "pred_all", "sigmoid"]
+__all__ = ["BACKGROUND", "resize_bilinear", "resize_nearest", "oracle_obj", "pred_all", "sigmoid"]
 
 BACKGROUND = -1
 
@@ -46,6 +46,16 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return x.astype(np.float32, copy=False)
     ry, rx = _resize_matrix(size[0], h), _resize_matrix(size[1], w)
     return np.einsum("Hh,chw,Ww->cHW", ry, x.astype(np.float32, copy=False), rx, optimize=True)
+
+
+def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) label map -> (H, W), nearest neighbour (pixel centres, like PIL's NEAREST)."""
+    h, w = labels.shape
+    if (h, w) == tuple(size):
+        return labels
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * (h / size[0])).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * (w / size[1])).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
 
 
 def _argmax_labels(logits: np.ndarray, channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

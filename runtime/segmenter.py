@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import bundle as spec
-from .postprocess import BACKGROUND, oracle_obj, pred_all, resize_bilinear, sigmoid
+from .postprocess import (BACKGROUND, oracle_obj, pred_all, resize_bilinear, resize_nearest,
+                          sigmoid)
 from .preprocess import InputError, check_image, resize_image
 from .vocabulary import Vocabulary, VocabularyError
 
@@ -72,7 +73,7 @@ class Segmenter:
     """A loaded bundle plus one backend. Thread-safe: share one across threads."""
 
     def __init__(self, manifest: spec.Manifest, arrays: dict[str, np.ndarray], backend: Any,
-                 precision: str, max_classes: int | None = None):
+                 precision: str, max_classes: int | None = None, fast_labels: bool = False):
         self.manifest = manifest
         self.vocabulary = manifest.vocabulary
         self.mode = manifest.mode
@@ -80,6 +81,7 @@ class Segmenter:
         self.backend = backend
         self.precision = precision
         self.max_classes = max_classes
+        self.fast_labels = fast_labels
         self._arrays = arrays
         self._image_dtype = np.dtype(manifest.raw.get("image_dtype", "uint8"))
         self._selections: dict[tuple[str, ...] | None, _Selection] = {}
@@ -88,7 +90,8 @@ class Segmenter:
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "auto", device: str | None = None,
              precision: str | None = None, checkpoint: str | Path | None = None,
-             threads: int | None = None, max_classes: int | None = None) -> "Segmenter":
+             threads: int | None = None, max_classes: int | None = None,
+             fast_labels: bool = False) -> "Segmenter":
         """Open a bundle folder.
 
         backend: "auto" (TensorRT engine if it can run here, else ONNX Runtime on CUDA, else on
@@ -98,6 +101,11 @@ class Segmenter:
         precision: "fp16" or "fp32" (default: fp16 on cuda, fp32 on cpu).
         max_classes: split larger vocabularies into chunks of at most this many classes (the
             TensorRT backend sets it from the engine's profile).
+        fast_labels: run the bundle's label-map graph (`export.onnx --labels`): Pred-All in the
+            graph at model resolution, the label map resized (nearest) to each image. The same
+            labels when images come at the model's input size; near object boundaries they can
+            differ otherwise (the exact path resizes logits, then takes the argmax). No
+            Oracle-Obj, scores or chunking: the per-class maps never leave the graph.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -119,13 +127,20 @@ class Segmenter:
             if not info:
                 raise spec.BundleError(f"{manifest.root} has no TensorRT engine; build one "
                                        "with python -m export.trt --out BUNDLE")
+            if fast_labels:
+                raise ValueError("fast_labels runs ONNX label-map graphs; the TensorRT engine "
+                                 "is built from the logits graph")
             impl: Any = TensorRTBackend(str(manifest.file("engine")), info)
             precision = info.get("precision", "fp16")
             max_classes = min(max_classes or info["max_classes"], info["max_classes"])
         elif backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeBackend
 
-            key = "onnx_fp16" if precision == "fp16" else "onnx_fp32"
+            key = ("onnx_fp16" if precision == "fp16" else "onnx_fp32") + \
+                ("_labels" if fast_labels else "")
+            if fast_labels and not manifest.has(key):
+                raise spec.BundleError(f"{manifest.root} has no label-map graph; export it with "
+                                       "python -m export.onnx --labels")
             impl = OnnxRuntimeBackend(str(manifest.file(key)), device, threads)
         else:
             from .backends.torch import TorchBackend
@@ -136,8 +151,8 @@ class Segmenter:
                 raise spec.BundleError(f"the torch backend needs the checkpoint; {path!r} does "
                                        "not exist: pass checkpoint=PATH")
             impl = TorchBackend(str(path), manifest.mode, manifest.mean, manifest.std, device,
-                                precision, ck.get("sha256"))
-        return cls(manifest, arrays, impl, precision, max_classes)
+                                precision, ck.get("sha256"), labels=fast_labels)
+        return cls(manifest, arrays, impl, precision, max_classes, fast_labels)
 
     @property
     def backend_name(self) -> str:
@@ -172,6 +187,10 @@ class Segmenter:
             idx = [full.index(c) for c in classes]  # unknown names: close matches suggested
         vocab = full.subset(idx) if classes is not None else full
         groups = self._chunk(vocab)
+        if self.fast_labels and len(groups) > 1:
+            raise VocabularyError(f"{vocab.num_classes} classes exceed max_classes "
+                                  f"{self.max_classes}, and label maps cannot be merged across "
+                                  "chunks: load without fast_labels")
         chunks = []
         for cls_idx, obj_idx in groups:
             chunks.append((cls_idx, obj_idx, self._feed_arrays(vocab, cls_idx, obj_idx)))
@@ -284,19 +303,28 @@ class Segmenter:
         if batch.dtype != self._image_dtype:
             batch = batch.astype(self._image_dtype)
         t1 = time.perf_counter()
-        logits, obj_logits = self._infer(batch, sel)
+        if self.fast_labels:
+            if oracle is not None or want_scores:
+                raise InputError("a fast_labels Segmenter gives Pred-All label maps only; load "
+                                 "one without fast_labels for Oracle-Obj or scores")
+            maps = self.backend.run({spec.IMAGE: batch, **sel.chunks[0][2]})[spec.LABELS]
+        else:
+            logits, obj_logits = self._infer(batch, sel)
         t2 = time.perf_counter()
         class_objects = np.asarray(vocab.class_objects)
         results = []
         for j, im in enumerate(checked):
             tp = time.perf_counter()
             size = im.shape[:2]
-            if oracle is not None:
+            if self.fast_labels:
+                labels = resize_nearest(maps[j], size)
+            elif oracle is not None:
                 labels = oracle_obj(logits[j], class_objects, oracle[0], oracle[1])
             else:
                 labels = pred_all(logits[j], class_objects, size,
                                   None if obj_logits is None else obj_logits[j])
-            probs = sigmoid(resize_bilinear(logits[j], size)) if want_scores else None
+            probs = sigmoid(resize_bilinear(logits[j], size)) if want_scores and not \
+                self.fast_labels else None
             n = len(checked)
             timing = {"pre": 1e3 * (t1 - t0) / n, "infer": 1e3 * (t2 - t1) / n,
                       "post": 1e3 * (time.perf_counter() - tp)}

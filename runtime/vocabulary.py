@@ -131,6 +131,9 @@ class Vocabulary:
 
     def index(self, name: str) -> int:
         """Index of an object-specific class name; unknown names get close matches suggested."""
+        if not isinstance(name, str):
+            raise VocabularyError(f"class names are strings (\"object's part\"), got "
+                                  f"{type(name).__name__} {name!r}")
         names = self.class_names
         if name in names:
             return names.index(name)
@@ -140,6 +143,9 @@ class Vocabulary:
                               f"{len(names)} classes; see Vocabulary.class_names)")
 
     def object_index(self, name: str) -> int:
+        if not isinstance(name, str):
+            raise VocabularyError(f"object names are strings, got {type(name).__name__} "
+                                  f"{name!r}")
         if name in self.objects:
             return self.objects.index(name)
         close = difflib.get_close_matches(name, self.objects, n=3)

@@ -68,10 +68,11 @@ def tiny_clipseg_ckpt(tmp_path_factory, torch):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_ckpt):
-    """FP32 + FP16 ONNX bundle of `tiny_ckpt` (read-only: copy it before changing it)."""
+    """FP32 + FP16 ONNX bundle of `tiny_ckpt` with label-map graphs (read-only: copy it before
+    changing it)."""
     pytest.importorskip("onnxruntime")
     from export.onnx import export_onnx
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_onnx(tiny_ckpt, out)
+    export_onnx(tiny_ckpt, out, labels=True)
     return out

@@ -31,6 +31,8 @@ def test_manifest_lists_every_file_with_size_and_hash(tiny_bundle):
         assert path.stat().st_size == entry["bytes"] and len(entry["sha256"]) == 64
     assert list(m.raw["inputs"]) == list(spec.inputs_for_mode("partclipseg"))
     assert m.raw["onnx"]["parity"]["fp32"]["rel_error"] < 1e-4
+    assert m.raw["onnx"]["parity"]["fp32_labels"]["label_agreement"] >= 0.999
+    assert m.raw["outputs"][spec.LABELS]["dtype"] == "int32" and m.has("onnx_fp16_labels")
     assert m.raw["producer"]["torch"] and m.raw["checkpoint"]["sha256"]
     # Nothing left behind by staging.
     assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(f".{tiny_bundle.name}.")]
@@ -45,14 +47,15 @@ def test_onnx_matches_torch_on_another_vocabulary_and_batch(tiny_bundle, tiny_ck
     model, _, _ = load_model(tiny_ckpt)
     other = Vocabulary.from_names([("cat", "tail"), ("cat", "ear"), ("red quadruped", "head"),
                                    ("van", "wheel"), ("van", "door"), ("van", "window")])
-    feed = example_inputs(160, vocab_arrays(model, other), batch=3, seed=7)
+    size = model.cfg.image_size
+    feed = example_inputs(size, vocab_arrays(model, other), batch=3, seed=7)
     with torch.no_grad():
         ref = DeployModel(model, CLIP_MEAN, CLIP_STD)(
             *(torch.from_numpy(feed[n]) for n in spec.inputs_for_mode("partclipseg")))
     for name, tol in ((spec.ONNX_FP32, 1e-4), (spec.ONNX_FP16, 2e-2)):
         out = _run(tiny_bundle / name, feed)
-        assert out[0].shape == (3, other.num_classes + 1, 160, 160)
-        assert out[1].shape == (3, len(other.objects) + 1, 160, 160)
+        assert out[0].shape == (3, other.num_classes + 1, size, size)
+        assert out[1].shape == (3, len(other.objects) + 1, size, size)
         for o, r in zip(out, ref):
             r = r.numpy()
             assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol, name
@@ -78,7 +81,7 @@ def test_failed_parity_leaves_previous_bundle_intact(tiny_bundle, tiny_ckpt, tmp
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
     before = (out / spec.MANIFEST).read_text()
-    with pytest.raises(ExportError, match="exceeds"):
+    with pytest.raises(ExportError, match="disagrees"):
         export_onnx(tiny_ckpt, out, fp16_tolerance=1e-12)
     assert (out / spec.MANIFEST).read_text() == before
     spec.read_vocab(spec.read_manifest(out))  # still a whole, usable bundle
@@ -170,7 +173,8 @@ def test_profile_shapes_cover_the_vocabulary(tiny_bundle):
 
     manifest = json.loads((tiny_bundle / spec.MANIFEST).read_text())
     shapes = profile_shapes(manifest, 1, 2, 4, 16)
-    assert shapes["image"] == [[1, 160, 160, 3], [2, 160, 160, 3], [4, 160, 160, 3]]
+    size = manifest["input_size"]
+    assert shapes["image"] == [[1, size, size, 3], [2, size, size, 3], [4, size, size, 3]]
     assert shapes["object_film_mul"][1][0] == 3 and shapes["object_film_mul"][2][0] == 17
     with pytest.raises(ValueError, match="max-classes"):
         profile_shapes(manifest, 1, 1, 4, 3)
@@ -197,7 +201,8 @@ def test_engine_builds_with_tensorrt(tiny_bundle, tmp_path):
     engine = m.raw["engine"]
     assert m.file("engine").stat().st_size > 100_000
     assert engine["strongly_typed"] and engine["onnx"] == spec.ONNX_FP16
-    assert engine["tensorrt"]["version"] and engine["profiles"][0]["class_film_mul"][2] == [16, 48]
+    d = m.raw["model_config"]["reduce_dim"]
+    assert engine["tensorrt"]["version"] and engine["profiles"][0]["class_film_mul"][2] == [16, d]
     assert (out / spec.TIMING_CACHE).is_file()
     assert not list(out.glob("*.lock")) and not list(out.glob(".*"))
 

@@ -194,3 +194,20 @@ def test_runtime_predicts_without_torch(tiny_bundle):
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fast_labels_match_the_exact_path_at_model_resolution(tiny_bundle, seg):
+    """The label-map graph (Pred-All in the graph) gives the exact path's labels when the
+    image comes at the model's input size, for ONNX Runtime and the torch reference."""
+    images = [_image(seg.input_size, seg.input_size, s) for s in range(3)]
+    exact = [p.labels for p in seg.predict_batch(images)]
+    for backend in ("onnxruntime", "torch"):
+        fast = Segmenter.load(tiny_bundle, backend=backend, fast_labels=True)
+        got = [p.labels for p in fast.predict_batch(images)]
+        assert np.mean([np.mean(a == b) for a, b in zip(got, exact)]) >= 0.999, backend
+        assert fast.predict(_image(50, 70)).labels.shape == (50, 70)
+    with pytest.raises(InputError, match="Pred-All"):
+        fast.predict(images[0], scores=True)
+    with pytest.raises(VocabularyError, match="fast_labels"):
+        Segmenter.load(tiny_bundle, backend="onnxruntime", fast_labels=True,
+                       max_classes=4).predict(images[0])

@@ -1,4 +1,6 @@
-"""The deployable interface of the model (what export traces and the torch backend runs): uint8 images + precomputed vocabulary vectors -> logits.
+"""The deployable model (what export traces and the torch backend runs).
+
+uint8 images + precomputed vocabulary vectors -> logits, or -> Pred-All label maps.
 
 `DeployModel` wraps a trained `PartCLIPSeg` with the tensor interface of `runtime.bundle`
 (names, order, shapes): the text tower, FiLM/FiLM' vectors and We [e_o ; e_p] are computed once
@@ -27,12 +29,16 @@ class DeployModel(nn.Module):
       image: (B, S, S, 3) uint8 or float32, RGB, 0-255, already resized to S x S.
     Returns `logits` (B, K + 1, S, S) and, for partclipseg, `object_logits` (B, O + 1, S, S);
     float32 logits (sigmoid gives probabilities), background last.
+    With `labels=True` it returns only `labels` (B, S, S) int32: the Pred-All label map at model
+    resolution (-1 = background), so a GPU never copies the per-class maps back to the host.
     """
 
-    def __init__(self, model: PartCLIPSeg, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, model: PartCLIPSeg, mean: tuple[float, ...], std: tuple[float, ...],
+                 labels: bool = False):
         super().__init__()
         self.model = model.eval()
         self.mode = model.cfg.mode
+        self.labels = labels
         # Folded into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
         std_t = torch.tensor(std, dtype=torch.float32)
         self.register_buffer("scale", 1.0 / (255.0 * std_t))
@@ -47,7 +53,8 @@ class DeployModel(nn.Module):
             mul, add = vocab
             cond = _conditioning(mul, add)
             feats, _ = m.decode_stage1(taps, cond)
-            return (m._head(m.head, feats),)
+            logits = m._head(m.head, feats)
+            return (_labels(logits),) if self.labels else (logits,)
         part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
         p = part_mul.shape[0]
         cond = _conditioning(torch.cat([part_mul, obj_mul]), torch.cat([part_add, obj_add]))
@@ -57,7 +64,25 @@ class DeployModel(nn.Module):
         class_feats = m.stage2_from(part_feats, object_feats, class_part, class_object,
                                     cls_mul, cls_add)
         logits = torch.cat([m._head(m.head2, class_feats), object_logits[:, -1:]], 1)
+        if self.labels:
+            return (_labels(logits, object_logits, class_object),)
         return logits, object_logits
+
+
+def _labels(logits: torch.Tensor, object_logits: torch.Tensor | None = None,
+            class_object: torch.Tensor | None = None) -> torch.Tensor:
+    """Pred-All at model resolution, as `runtime.postprocess.pred_all` without the resize.
+
+    logits (B, K + 1, S, S), object_logits (B, O + 1, S, S) -> (B, S, S) int32, -1 background.
+    """
+    k = logits.shape[1] - 1
+    if object_logits is not None:
+        winner = object_logits.argmax(1, keepdim=True)  # (B, 1, S, S), O = background
+        gate = class_object.reshape(1, -1, 1, 1) == winner
+        classes = torch.where(gate, logits[:, :-1], torch.full_like(logits[:, :1], -torch.inf))
+        logits = torch.cat([classes, logits[:, -1:]], 1)
+    win = logits.argmax(1).to(torch.int32)
+    return torch.where(win == k, torch.full_like(win, -1), win)
 
 
 def _conditioning(mul: torch.Tensor, add: torch.Tensor) -> Conditioning:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..bundle import BundleError, inputs_for_mode
+from ..bundle import BundleError, inputs_for_mode, outputs_for_mode
 
 __all__ = ["TorchBackend"]
 
@@ -21,7 +21,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, checkpoint: str, mode: str, mean, std, device: str = "cpu",
-                 precision: str = "fp32", expected_sha256: str | None = None):
+                 precision: str = "fp32", expected_sha256: str | None = None,
+                 labels: bool = False):
         import torch
 
         from partclipseg.checkpoint import file_sha256, load_model
@@ -35,11 +36,11 @@ class TorchBackend:
         model, _, _ = load_model(checkpoint, map_location=device)
         if model.cfg.mode != mode:
             raise BundleError(f"{checkpoint} is a {model.cfg.mode} model, the bundle {mode}")
-        self.model = DeployModel(model, mean, std).to(device).eval()
+        self.model = DeployModel(model, mean, std, labels=labels).to(device).eval()
         if precision == "fp16":
             self.model.half()
         self._torch, self.device, self.precision = torch, device, precision
-        self.output_names = ("logits",) if mode == "clipseg" else ("logits", "object_logits")
+        self.output_names = outputs_for_mode(mode, labels)
         self.input_names = inputs_for_mode(mode)
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,7 +52,8 @@ class TorchBackend:
             args.append(t.to(dtype) if t.is_floating_point() and n != "image" else t)
         with torch.inference_mode():  # no module state changes: safe across threads
             out = self.model(*args)
-        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, out)}
+        return {n: (o if o.dtype == torch.int32 else o.float()).cpu().numpy()
+                for n, o in zip(self.output_names, out)}
 
     def close(self) -> None:
         self.model = None
