@@ -232,3 +232,17 @@ def test_vit_b16_reference_exports_and_builds(tmp_path, torch):
     # Modest profile: TensorRT-RTX sizes activations for the largest shape, within host memory.
     assert main(["--out", str(tmp_path / "b"), "--max-batch", "2", "--max-classes", "32"]) == 0
     assert spec.read_manifest(tmp_path / "b").file("engine").stat().st_size > 50e6
+
+
+def test_placement_reports_every_node_on_its_provider(tiny_bundle):
+    """The CUDA check (`python -m export.placement --device cuda`) on the GPU machine reads the
+    same fields; on CPU every node runs on the CPU provider and nothing is copied."""
+    from export.placement import placement
+    from partclipseg.model.deploy import example_inputs
+
+    m = spec.read_manifest(tiny_bundle)
+    feed = example_inputs(m.input_size, spec.read_vocab(m))
+    report = placement(m.file("onnx_fp32"), feed, device="cpu")
+    assert report["memcpy_nodes"] == 0
+    assert set(report["nodes_by_provider"]) == {"CPUExecutionProvider"}
+    assert sum(report["nodes_by_provider"].values()) > 100

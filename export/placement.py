@@ -1,0 +1,89 @@
+"""`python -m export.placement --bundle B --precision fp16 --device cuda`: where ONNX Runtime
+runs each node of a bundle graph.
+
+A CUDA session can fall back to the CPU for nodes it has no kernel for, and then inserts Memcpy
+nodes around them: both cost a device round trip per call and rule out CUDA graphs. This reads
+the placement from ONNX Runtime itself (the optimized graph it saves, with its Memcpy nodes, and
+a profiled run that names each kernel's execution provider).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["placement", "build_parser", "main"]
+
+
+def placement(onnx_path: str | Path, feed: dict[str, Any], device: str = "cuda") -> dict[str, Any]:
+    """Run `onnx_path` once on `device` and report {memcpy_nodes, nodes_by_provider,
+    cpu_ops, total_nodes}. cpu_ops counts op types of nodes run by the CPU provider."""
+    import onnx
+    import onnxruntime as ort
+
+    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda"
+                 else ["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    memcpy = sum(n.op_type.startswith("Memcpy") for n in optimized.graph.node)
+    by_provider: collections.Counter[str] = collections.Counter()
+    cpu_ops: collections.Counter[str] = collections.Counter()
+    seen = set()
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") != "Node" or "provider" not in args or e["name"] in seen:
+            continue
+        seen.add(e["name"])
+        by_provider[args["provider"]] += 1
+        if args["provider"] == "CPUExecutionProvider":
+            cpu_ops[args.get("op_name", "?")] += 1
+    return {"graph": Path(onnx_path).name, "device": device, "providers": sess.get_providers(),
+            "memcpy_nodes": memcpy, "nodes_by_provider": dict(by_provider),
+            "cpu_ops": dict(cpu_ops), "total_nodes": len(optimized.graph.node)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.placement",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
+    p.add_argument("--labels", action="store_true", help="the label-map graph")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--batch", type=int, default=1)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from runtime import BundleError, Segmenter
+
+    from partclipseg.model.deploy import example_inputs
+
+    try:
+        seg = Segmenter.load(a.bundle, backend="onnxruntime", device="cpu")
+        key = f"onnx_{a.precision}" + ("_labels" if a.labels else "")
+        path = seg.manifest.file(key)
+    except BundleError as e:
+        print(f"export.placement: error: {e}", file=sys.stderr)
+        return 2
+    feed = example_inputs(seg.input_size, seg._select(None).chunks[0][2], batch=a.batch)
+    print(json.dumps(placement(path, feed, a.device), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
