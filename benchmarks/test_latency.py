@@ -81,43 +81,65 @@ def test_backend(benchmark: Any, route: Route, batch: int, open_segmenter: Any,
     assert np.isfinite(out[spec.LOGITS]).all()
 
 
-def test_cpu_onnxruntime_vs_torch(bench_options: Any, open_segmenter: Any, frames: np.ndarray,
-                                  bench_report: BenchReport,
+def test_cpu_onnxruntime_vs_torch(bench_options: Any, bench_bundle: Any, open_segmenter: Any,
+                                  frames: np.ndarray, bench_report: BenchReport,
                                   record_property: Any) -> None:
     """DESIGN section 6, CPU: ONNX Runtime FP32 >= 1.5x faster than PyTorch eager FP32 at
     batch 1, both through `Segmenter.predict`, measured here in the same process.
 
-    The two are timed interleaved (one call of each per round) so load from other processes
-    hits both alike; the ratio is of the medians. The bare backend ratio is reported too.
+    Each library runs with its default intra-op threads and with one thread, and the ratio is
+    best torch median / best ONNX Runtime median: on a loaded machine two spinning threads can
+    be many times slower than one (torch above all), and the target must not be met by
+    handicapping the reference. Configurations are timed in alternating blocks so load from
+    other processes hits all alike; the first call of every block is discarded, because each
+    library's worker threads keep spinning for a while after a call and slow the next one.
+    The bare backend ratio is reported too.
     """
+    import torch
+
+    from runtime import Segmenter
+
     if bench_options.device != "cpu":
         pytest.skip("the CPU ratio target applies to --device cpu")
-    ort, torch_ = open_segmenter(Route("onnxruntime", "fp32")), open_segmenter(REFERENCE)
+    ort = {"default": open_segmenter(Route("onnxruntime", "fp32")),
+           "1": Segmenter.load(bench_bundle.path, backend="onnxruntime", device="cpu",
+                               precision="fp32", threads=1)}
+    ref = open_segmenter(REFERENCE)
+    default_threads = torch.get_num_threads()
     image = frames[0]
-    runs = 5 if bench_options.quick else 15
-    medians: dict[str, dict[str, float]] = {}
-    for call in ("predict", "backend"):
-        feed = _feed(ort, frames[:1])
-        fns = {"onnxruntime": (lambda: ort.predict(image)) if call == "predict"
-               else (lambda: ort.backend.run(feed)),
-               "torch": (lambda: torch_.predict(image)) if call == "predict"
-               else (lambda: torch_.backend.run(feed))}
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        for name, fn in fns.items():  # warm-up
-            time_calls(fn, warmup=1, min_runs=1, max_runs=1)
-        for _ in range(runs):
-            for name, fn in fns.items():
-                samples[name].extend(time_calls(fn, warmup=0, min_runs=1, max_runs=1).samples_ms)
-        medians[call] = {name: float(np.median(v)) for name, v in samples.items()}
-    ratio = {c: m["torch"] / m["onnxruntime"] for c, m in medians.items()}
-    for c, m in medians.items():
+    feed = _feed(ref, frames[:1])
+    blocks, per_block = (1, 2) if bench_options.quick else (2, 2)
+    medians: dict[str, dict[str, float]] = {}  # call -> "lib/threads" -> ms
+    try:
+        for call in ("predict", "backend"):
+            samples: dict[str, list[float]] = {}
+            for _ in range(blocks):
+                for threads in ("default", "1"):
+                    torch.set_num_threads(default_threads if threads == "default" else 1)
+                    for lib, seg in (("torch", ref), ("onnxruntime", ort[threads])):
+                        fn = ((lambda seg=seg: seg.predict(image)) if call == "predict"
+                              else (lambda seg=seg: seg.backend.run(feed)))
+                        t = time_calls(fn, warmup=1, min_runs=per_block, max_runs=per_block)
+                        samples.setdefault(f"{lib}/{threads}", []).extend(t.samples_ms)
+            medians[call] = {k: float(np.median(v)) for k, v in samples.items()}
+    finally:
+        torch.set_num_threads(default_threads)
+        ort["1"].close()
+    ratio = {}
+    for call, m in medians.items():
+        best_t = min(m["torch/default"], m["torch/1"])
+        best_o = min(m["onnxruntime/default"], m["onnxruntime/1"])
+        ratio[call] = best_t / best_o
         bench_report.ratios.append(
-            f"cpu b1 {c:<8}: torch-fp32 {m['torch']:.2f} ms, onnxruntime-fp32 "
-            f"{m['onnxruntime']:.2f} ms -> {ratio[c]:.2f}x (target >= {CPU_RATIO_TARGET}x on "
-            f"predict; {runs} interleaved runs)")
-        record_property(f"ratio_{c}", ratio[c])
+            f"cpu b1 {call:<8}: torch-fp32 {m['torch/default']:.1f} ms ({default_threads} "
+            f"threads) / {m['torch/1']:.1f} ms (1 thread); onnxruntime-fp32 "
+            f"{m['onnxruntime/default']:.1f} / {m['onnxruntime/1']:.1f} ms -> best vs best "
+            f"{ratio[call]:.2f}x, default vs default "
+            f"{m['torch/default'] / m['onnxruntime/default']:.2f}x")
+        record_property(f"ratio_{call}", ratio[call])
+    bench_report.ratios.append(f"target: best vs best on predict >= {CPU_RATIO_TARGET}x "
+                               f"({blocks * per_block} timed runs per configuration)")
     assert ratio["predict"] >= CPU_RATIO_TARGET, (
-        f"ONNX Runtime FP32 predict is {ratio['predict']:.2f}x faster than torch eager FP32 "
-        f"({medians['predict']['onnxruntime']:.2f} vs {medians['predict']['torch']:.2f} ms "
-        f"median at batch 1); DESIGN section 6 wants >= {CPU_RATIO_TARGET}x. Bare backend "
-        f"call: {ratio['backend']:.2f}x")
+        f"ONNX Runtime FP32 predict is {ratio['predict']:.2f}x faster than torch eager FP32 at "
+        f"batch 1 (best thread setting of each; medians ms {medians['predict']}); DESIGN "
+        f"section 6 wants >= {CPU_RATIO_TARGET}x. Bare backend call: {ratio['backend']:.2f}x")
