@@ -25,7 +25,12 @@ def read_class_file(path: str | Path) -> "Vocabulary":  # noqa: F821
     from runtime.vocabulary import Vocabulary, VocabularyError
 
     pairs, unseen = [], set()
-    for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VocabularyError(f"{path} is not UTF-8 text ({e}); write one \"object's part\" "
+                              "per line") from e
+    for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -50,12 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 with Image.open(path) as im:
                     image = np.asarray(im.convert("RGB"))
-            except (OSError, UnidentifiedImageError) as e:
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
                 raise InputError(f"cannot read image {path}: {e}") from e
             pred = seg.predict(image, classes=a.classes)
             picture = out / f"{Path(path).stem}.png"
+            tmp = out / f".{picture.name}.tmp"  # never a half-written PNG under its name
             panel(image, pred.class_names, pred.labels, title=f"{Path(path).name}  "
-                  f"({seg.backend_name}, Pred-All)").save(picture)
+                  f"({seg.backend_name}, Pred-All)").save(tmp, format="PNG")
+            tmp.replace(picture)
             report["images"][str(path)] = {"overlay": str(picture), "pixels": pred.counts(),
                                            "timing_ms": pred.timing_ms}
             print(f"  {path} -> {picture}: " + ", ".join(

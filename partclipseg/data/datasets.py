@@ -159,7 +159,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DatasetError(f"image file not found: {path}") from None
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from e
 
 
@@ -172,7 +172,7 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
             arr = np.asarray(im)
     except FileNotFoundError:
         raise DatasetError(f"label file not found: {path}") from None
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read label PNG {path}: {e}") from e
     if arr.ndim != 2:
         raise DatasetError(

@@ -114,7 +114,10 @@ def load_train_config(name_or_path: str | Path) -> TrainConfig:
     """A training YAML by path or shipped name ("synthparts_tiny", "configs/synthparts_tiny.yaml")."""
     path = resolve_config_path(name_or_path, CONFIG_DIR, (".yaml", ".yml"))
     try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read training config {path}: {e}") from e
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"training config {path} must be a mapping of keys (steps: ..., "
+                          f"data: ...), got a YAML {type(d).__name__}")
     return TrainConfig.from_dict(d)
