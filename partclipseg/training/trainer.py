@@ -171,6 +171,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp(out)  # what a killed writer left (one run per folder: not live)
         if not resume:  # a fresh run (overwrite checked above): no rows of an old one
             for p in (last_path, best_path, csv_path):
                 p.unlink(missing_ok=True)
@@ -228,6 +229,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     if rank != 0:
         return {}
     return {"best_score": best, "history": history, "out": str(out)}
+
+
+def _remove_stale_temp(out: Path) -> None:
+    """Delete the temp files of writes a killed process never finished (atomic_write's
+    `.last.pt.XXXX.tmp`, `.config.json.tmpPID`, ...): the files they were replacing are intact."""
+    for name in ("last.pt", "best.pt", "config.json", "metrics.csv"):
+        for p in out.glob(f".{name}.*tmp*"):
+            p.unlink(missing_ok=True)
 
 
 def _write_text(path: Path, text: str) -> None:
