@@ -12,7 +12,9 @@ Pre- and post-processing are the numpy functions evaluation uses, for every back
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,6 +74,8 @@ class _Selection:
 class Segmenter:
     """A loaded bundle plus one backend. Thread-safe: share one across threads."""
 
+    SELECTION_CACHE = 32  # class subsets whose graph inputs are kept ready
+
     def __init__(self, manifest: spec.Manifest, arrays: dict[str, np.ndarray], backend: Any,
                  precision: str, max_classes: int | None = None, fast_labels: bool = False):
         self.manifest = manifest
@@ -84,7 +88,8 @@ class Segmenter:
         self.fast_labels = fast_labels
         self._arrays = arrays
         self._image_dtype = np.dtype(manifest.raw.get("image_dtype", "uint8"))
-        self._selections: dict[tuple[str, ...] | None, _Selection] = {}
+        self._selections: OrderedDict[tuple[str, ...] | None, _Selection] = OrderedDict()
+        self._lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -164,11 +169,23 @@ class Segmenter:
 
     # -- vocabulary -----------------------------------------------------------------------------
     def _select(self, classes: Sequence[str] | None) -> _Selection:
+        if classes is not None:
+            if isinstance(classes, str):
+                raise InputError("classes must be a list of class names, not one string")
+            bad = [c for c in classes if not isinstance(c, str)]
+            if bad:
+                raise InputError(f"classes must be class-name strings, got {bad[:3]!r}")
         key = None if classes is None else tuple(classes)
-        sel = self._selections.get(key)
-        if sel is None:
-            sel = self._build_selection(key)
-            self._selections[key] = sel  # benign race: equal values
+        with self._lock:
+            sel = self._selections.get(key)
+            if sel is not None:
+                self._selections.move_to_end(key)
+                return sel
+        sel = self._build_selection(key)
+        with self._lock:
+            self._selections[key] = sel
+            while len(self._selections) > self.SELECTION_CACHE:  # apps that vary requests
+                self._selections.popitem(last=False)
         return sel
 
     def _build_selection(self, classes: tuple[str, ...] | None) -> _Selection:
@@ -176,8 +193,6 @@ class Segmenter:
         if classes is None:
             idx = list(range(full.num_classes))
         else:
-            if isinstance(classes, str):
-                raise InputError("classes must be a list of class names, not one string")
             if len(classes) == 0:
                 raise VocabularyError("classes is empty: name at least one class, or pass "
                                       "None for the whole vocabulary")

@@ -211,3 +211,14 @@ def test_fast_labels_match_the_exact_path_at_model_resolution(tiny_bundle, seg):
     with pytest.raises(VocabularyError, match="fast_labels"):
         Segmenter.load(tiny_bundle, backend="onnxruntime", fast_labels=True,
                        max_classes=4).predict(images[0])
+
+
+def test_class_subset_cache_is_bounded(tiny_bundle):
+    seg = Segmenter.load(tiny_bundle, backend="onnxruntime")
+    names = seg.vocabulary.class_names
+    requests = [[a, b] for a in names for b in names if a != b]
+    assert len(requests) > Segmenter.SELECTION_CACHE
+    for r in requests:
+        seg._select(r)
+    assert len(seg._selections) == Segmenter.SELECTION_CACHE
+    assert seg._select(requests[-1]) is seg._select(requests[-1])
