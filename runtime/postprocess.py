@@ -58,11 +58,40 @@ def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
+_BLOCK_BYTES = 1 << 26  # float32 scratch per row block: bounds memory for large frames
+
+
+def _row_blocks(channels: int, size: tuple[int, int]) -> list[tuple[int, int]]:
+    rows = max(1, _BLOCK_BYTES // (4 * max(1, channels) * size[1]))
+    return [(r, min(size[0], r + rows)) for r in range(0, size[0], rows)]
+
+
+class _Resizer:
+    """Bilinear resize (torch's align_corners=False) of (C, h, w) maps, one row block at a time."""
+
+    def __init__(self, src: tuple[int, int], size: tuple[int, int]):
+        self.same = tuple(src) == tuple(size)
+        if not self.same:
+            self.ry, self.rx = _resize_matrix(size[0], src[0]), _resize_matrix(size[1], src[1])
+
+    def rows(self, x: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Output rows [r0, r1) of the resized maps: (C, r1 - r0, W) float32."""
+        if self.same:
+            return x[:, r0:r1].astype(np.float32, copy=False)
+        return np.einsum("Hh,chw,Ww->cHW", self.ry[r0:r1], x.astype(np.float32, copy=False),
+                         self.rx, optimize=True)
+
+
 def _argmax_labels(logits: np.ndarray, channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Argmax over the given channel subset (last one = background) -> class labels."""
-    win = resize_bilinear(logits[channels], size).argmax(0)
-    labels = channels[win].astype(np.int32)
-    labels[win == len(channels) - 1] = BACKGROUND
+    sub = logits[channels]
+    resize = _Resizer(sub.shape[1:], size)
+    labels = np.empty(size, np.int32)
+    for r0, r1 in _row_blocks(len(channels), size):
+        win = resize.rows(sub, r0, r1).argmax(0)
+        block = channels[win].astype(np.int32)
+        block[win == len(channels) - 1] = BACKGROUND
+        labels[r0:r1] = block
     return labels
 
 
@@ -100,14 +129,25 @@ def pred_all(logits: np.ndarray, class_objects: Sequence[int], size: tuple[int, 
     k = len(class_objects)
     if logits.ndim != 3 or logits.shape[0] != k + 1:
         raise InputError(f"logits must be (K + 1 = {k + 1}, h, w), got {logits.shape}")
-    up = resize_bilinear(logits, size)
-    if np.shares_memory(up, logits):  # same size: never mask the caller's array in place
-        up = up.copy()
-    if object_logits is not None:
-        winner = resize_bilinear(object_logits, size).argmax(0)  # O (last) = background
-        # Where the object head says background no class passes the gate.
-        gate = class_objects[:, None, None] == winner[None]
-        up[:k][~gate] = -np.inf
-    win = up.argmax(0).astype(np.int32)
-    win[win == k] = BACKGROUND
-    return win
+    if object_logits is None:
+        return _argmax_labels(logits, np.arange(k + 1), tuple(size))
+    n_obj = object_logits.shape[0] - 1  # last = background
+    resize = _Resizer(logits.shape[1:], size)
+    labels = np.full(size, BACKGROUND, np.int32)
+    own = {o: np.append(np.flatnonzero(class_objects == o), k) for o in range(n_obj)}
+    for r0, r1 in _row_blocks(k + n_obj + 2, size):
+        up = resize.rows(logits, r0, r1)
+        winner = resize.rows(object_logits, r0, r1).argmax(0)
+        block = labels[r0:r1]
+        # Each pixel competes only among the classes of the object the object head picked (and
+        # background); where it picked background no class passes. Same ties as a masked argmax.
+        for o in np.unique(winner):
+            ch = own.get(int(o))
+            if ch is None or len(ch) == 1:
+                continue
+            where = winner == o
+            win = up[ch][:, where].argmax(0)
+            picked = ch[win].astype(np.int32)
+            picked[win == len(ch) - 1] = BACKGROUND
+            block[where] = picked
+    return labels
