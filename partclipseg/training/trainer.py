@@ -122,6 +122,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda": this process's GPU
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed
+                           else torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,204 @@
+"""PartCLIPSeg vs the CLIPSeg baseline, and the L_sep / L_enh ablations, on SynthParts.
+
+Every variant trains with the same config (the demo's, `synthparts_tiny`, unless --config),
+budget and seeds, then its final weights (last.pt: no checkpoint selection on the data we report)
+are evaluated on the whole SynthParts val split under Oracle-Obj and Pred-All:
+seen mIoU, unseen mIoU, h-IoU.
+
+    python -m benchmarks.experiment_method --out benchmarks/results/method --seeds 0 1
+
+writes OUT/method.json (everything, per run and mean/std per variant) and OUT/method.md
+(the table), atomically, and keeps each run's folder under OUT/runs/ (not meant for git).
+
+Variants: partclipseg (the method), clipseg (baseline: stage 1 only, conditioned on the
+object-specific names, BCE on K+1 channels), partclipseg_no_sep (L_sep weight 0),
+partclipseg_no_enh (L_enh weight 0). Runs go to --jobs worker processes (spawned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "partclipseg": {},
+    "clipseg": {"mode": "clipseg"},
+    "partclipseg_no_sep": {"sep": 0.0},
+    "partclipseg_no_enh": {"enh": 0.0},
+}
+SETTINGS = ("oracle-obj", "pred-all")
+METRICS = ("miou_seen", "miou_unseen", "h_iou")
+
+
+def _config(args: argparse.Namespace, variant: str, seed: int) -> Any:
+    from partclipseg.training.config import load_train_config
+
+    cfg = load_train_config(args.config)
+    v = VARIANTS[variant]
+    changes: dict[str, Any] = {"seed": seed, "num_workers": args.num_workers,
+                               "data": dataclasses.replace(cfg.data, root=str(args.data))}
+    if args.steps:
+        changes.update(steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
+    if args.lr:
+        changes["lr"] = args.lr
+    if args.device != "cpu":
+        changes["amp"] = False  # same numerics as the CPU demo
+    for item in args.set or []:  # --set loss.background_weight=1.0 model_overrides.adapters=false
+        key, _, raw = item.partition("=")
+        val = yaml.safe_load(raw)
+        head, _, leaf = key.partition(".")
+        if leaf:
+            sub = getattr(cfg, head) if head not in changes else changes[head]
+            changes[head] = ({**sub, leaf: val} if isinstance(sub, dict)
+                             else dataclasses.replace(sub, **{leaf: val}))
+        else:
+            changes[head] = val
+    cfg = cfg.replace(**changes)
+    changes = {}
+    if "mode" in v:
+        changes["model_overrides"] = {**cfg.model_overrides, "mode": v["mode"]}
+    if "sep" in v or "enh" in v:
+        changes["loss"] = dataclasses.replace(cfg.loss, sep=v.get("sep", cfg.loss.sep),
+                                              enh=v.get("enh", cfg.loss.enh))
+    return cfg.replace(**changes)
+
+
+def run_one(job: tuple[argparse.Namespace, str, int]) -> dict[str, Any]:
+    """Train one (variant, seed) and evaluate its last.pt in both settings."""
+    args, variant, seed = job
+    import torch
+
+    from partclipseg.checkpoint import load_model
+    from partclipseg.evaluation.evaluate import eval_dataset, evaluate
+    from partclipseg.training.trainer import train
+
+    torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = _config(args, variant, seed)
+    out = Path(args.out) / "runs" / f"{variant}_seed{seed}"
+    t0 = time.perf_counter()
+    train(cfg, out, device=args.device, progress=False, overwrite=True)
+    train_s = time.perf_counter() - t0
+    model, vocab, _ = load_model(out / "last.pt", map_location=args.device)
+    result: dict[str, Any] = {"variant": variant, "seed": seed, "train_s": round(train_s, 1),
+                              "steps": cfg.steps}
+    for setting in SETTINGS:
+        m = evaluate(model, eval_dataset(cfg.data.kind, cfg.data.root, cfg.data.val_split,
+                                         setting), setting, progress=False)
+        result[setting] = {k: float(m[k]) for k in METRICS + ("biou_h",) if k in m}
+    print(f"{variant} seed {seed}: " + "; ".join(
+        f"{s} " + "/".join(f"{result[s][k]:.1f}" for k in METRICS) for s in SETTINGS),
+        flush=True)
+    return result
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for variant in VARIANTS:
+        rs = [r for r in runs if r["variant"] == variant]
+        if not rs:
+            continue
+        out[variant] = {}
+        for s in SETTINGS:
+            out[variant][s] = {}
+            for k in METRICS:
+                vals = [r[s][k] for r in rs if math.isfinite(r[s][k])]
+                out[variant][s][k] = {
+                    "mean": statistics.fmean(vals) if vals else float("nan"),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "values": [r[s][k] for r in rs]}
+    return out
+
+
+def table(summary: dict[str, Any], seeds: list[int]) -> str:
+    pm = (lambda d: f"{d['mean']:.1f} ± {d['std']:.1f}") if len(seeds) > 1 else \
+        (lambda d: f"{d['mean']:.1f}")
+    lines = ["| variant | Oracle-Obj seen | unseen | h-IoU | Pred-All seen | unseen | h-IoU |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, s in summary.items():
+        cells = [pm(s[setting][k]) for setting in SETTINGS for k in METRICS]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results/method")
+    p.add_argument("--config", default="synthparts_tiny")
+    p.add_argument("--data", help="SynthParts folder (default OUT/synthparts; generated if missing)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--steps", type=int, help="override the config's steps")
+    p.add_argument("--lr", type=float, help="override the config's lr")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="torch threads per run")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers per run")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every run (YAML values, one dot for sub-keys)")
+    p.add_argument("--name", default="method", help="file stem of the JSON / markdown")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    args.data = Path(args.data) if args.data else out / "synthparts"
+
+    from partclipseg.training.config import load_train_config
+
+    cfg = load_train_config(args.config)
+    if not (args.data / "classes.json").is_file():
+        from partclipseg.data.synthparts import generate
+        generate(args.data, seed=cfg.data.synth_seed, n_train=cfg.data.synth_train,
+                 n_val=cfg.data.synth_val, progress=False)
+    jobs = [(args, v, s) for s in args.seeds for v in args.variants]
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            runs = pool.map(run_one, jobs, chunksize=1)
+    else:
+        runs = [run_one(j) for j in jobs]
+    summary = summarize(runs)
+    import torch
+    record = {
+        "experiment": "PartCLIPSeg vs CLIPSeg baseline and L_sep/L_enh ablations on SynthParts val",
+        "date": _dt.date.today().isoformat(),
+        "machine": {"device": args.device, "cpu_count": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name(0) if args.device != "cpu" else None,
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "command": "python -m benchmarks.experiment_method " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "config": _config(args, "partclipseg", args.seeds[0]).to_dict(),
+        "checkpoint": "last.pt (final weights, no selection on val)",
+        "seeds": args.seeds, "wall_s": round(time.perf_counter() - t0, 1),
+        "summary": summary, "runs": runs,
+    }
+    _atomic_write(out / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+    md = table(summary, args.seeds)
+    _atomic_write(out / f"{args.name}.md", md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
