@@ -81,11 +81,13 @@ def preflight(device: str) -> dict[str, Any]:
         import onnxruntime as ort
 
         if device == "cuda":
-            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from torch's nvidia-* wheels
-                ort.preload_dlls()
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 problems.append(f"onnxruntime {ort.__version__} ({ort.__file__}) has no CUDA EP: "
                                 "put onnxruntime-gpu first on PYTHONPATH")
+            else:
+                problem = _cuda_ep_works(ort)
+                if problem:
+                    problems.append(problem)
     except ImportError as e:
         problems.append(f"cannot import onnxruntime ({e})")
     if problems:
@@ -100,6 +102,34 @@ def preflight(device: str) -> dict[str, Any]:
         env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return env
+
+
+def _cuda_ep_works(ort: Any) -> str | None:
+    """Run a one-node graph on the CUDA EP: ONNX Runtime falls back to the CPU silently when
+    the EP's CUDA/cuDNN libraries do not load, which must not cost an export first."""
+    from onnx import TensorProto, helper
+
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN of torch's nvidia-* wheels (ORT >= 1.21)
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # noqa: BLE001  best effort; the session below decides
+            log(f"onnxruntime.preload_dlls() failed: {e}")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        out = sess.run(None, {"x": np.ones(2, np.float32)})[0]
+    except Exception as e:  # noqa: BLE001
+        return f"ONNX Runtime CUDA EP probe failed: {type(e).__name__}: {e}"
+    if sess.get_providers()[0] != "CUDAExecutionProvider" or not np.allclose(out, 2.0):
+        return (f"ONNX Runtime fell back to {sess.get_providers()}: the CUDA EP's libraries "
+                "(CUDA 13 runtime, cuBLAS, cuDNN 9) did not load; import torch first or set "
+                "LD_LIBRARY_PATH to its nvidia/*/lib folders")
+    return None
 
 
 def get_bundle(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
@@ -446,7 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             imgs = list(frames[:b])
             stages: dict[str, list[float]] = {}
-            for i in range(6):  # first run is warm-up
+            for i in range(4):  # first run is warm-up
                 t0 = time.perf_counter()
                 host = np.stack([resize_image(check_image(im), s) for im in imgs])
                 t1 = time.perf_counter()
