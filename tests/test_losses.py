@@ -93,3 +93,19 @@ def test_attention_losses_without_objects_are_zero_with_graph():
     l_sep, l_enh = attention_losses(attn, TWO_PARTS, class_t, obj_t)
     assert l_sep.item() == 0 and l_enh.item() == 0
     (l_sep + l_enh).backward()  # still part of the graph: no error in mixed batches
+
+
+def test_weighted_bce_hand_written_backward_matches_autograd():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(-1, 5, (2, 6, 6), generator=g)
+    assert torch.autograd.gradcheck(lambda x: weighted_bce(x, target, 0.05), (x,))
+    # and equals autograd through the plain formula
+    w = torch.tensor([1, 1, 1, 1, 0.05], dtype=torch.float64)
+    t, valid = target.clamp(min=0), target >= 0
+    ref = ((F.softplus(x) * w.view(1, 5, 1, 1)).sum(1)
+           - x.gather(1, t[:, None]).squeeze(1) * w[t]) * valid
+    ref = ref.sum() / (valid.sum() * 5)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    (g_ours,) = torch.autograd.grad(weighted_bce(x, target, 0.05), x)
+    torch.testing.assert_close(g_ours, g_ref)
