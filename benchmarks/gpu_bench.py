@@ -402,6 +402,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"gpu_bench: the ONNX Runtime session runs on {providers}, "
                                  f"not {want}")
             segs[f"ort-{prec}"] = sg
+        # Label-map graph (export --labels): Pred-All in the graph, label maps cross to host.
+        sg = attempt(f"ort-{prec}-lbl", "segmenter", lambda: Segmenter.load(
+            bundle, backend="onnxruntime", device=device, precision=prec, fast_labels=True))
+        if sg is not None:
+            segs[f"ort-{prec}-lbl"] = sg
     result["seconds"]["load"] = time.perf_counter() - t
     if "torch-fp32" in torch_paths:  # the staged mirror must be DeployModel.forward itself
         tp = torch_paths["torch-fp32"]

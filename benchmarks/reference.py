@@ -91,7 +91,7 @@ def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | N
     if checkpoint is None:
         checkpoint = write_random_checkpoint(checkpoint_path_for(out), config, vocab, seed)
     t1 = time.perf_counter()
-    manifest = export_onnx(checkpoint, out, fp16=fp16, check_batch=check_batch)
+    manifest = export_onnx(checkpoint, out, fp16=fp16, labels=True, check_batch=check_batch)
     t2 = time.perf_counter()
     return BuiltBundle(out, Path(checkpoint), manifest, {"checkpoint": t1 - t0, "export": t2 - t1})
 

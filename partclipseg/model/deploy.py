@@ -47,7 +47,8 @@ class DeployModel(nn.Module):
     def forward(self, image: torch.Tensor, *vocab: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         # Cast before the transpose: TensorRT transposes no uint8 tensors.
-        x = (image.float() * self.scale + self.shift).permute(0, 3, 1, 2)
+        # (In the model's precision: a .half() DeployModel normalizes in FP16.)
+        x = (image.to(self.scale.dtype) * self.scale + self.shift).permute(0, 3, 1, 2)
         taps = m.image_features(x)
         if self.mode == "clipseg":
             mul, add = vocab

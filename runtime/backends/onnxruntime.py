@@ -57,6 +57,11 @@ class OnnxRuntimeBackend:
             raise BundleError(f"{path} cannot be loaded by ONNX Runtime ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:300]}); it is corrupt or truncated: "
                               "re-export the bundle with python -m export.onnx") from e
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # ONNX Runtime falls back to the CPU silently when the CUDA libraries do not load.
+            raise RuntimeError(f"ONNX Runtime could not start its CUDA provider for {path} "
+                               f"(running on {self.session.get_providers()}): check that the CUDA "
+                               "and cuDNN libraries onnxruntime-gpu needs are installed")
         self.device = device
         self.input_names = [i.name for i in self.session.get_inputs()]
 
