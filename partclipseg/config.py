@@ -44,6 +44,9 @@ class ModelConfig:
     image_size: int = 352  # model input side; position embeddings are resized to it once
     extract_layers: tuple[int, ...] = (3, 6, 9)  # 0-based ViT blocks tapped, shallow to deep
     adapters: bool = True
+    # Train the image tower too. The paper freezes its pretrained CLIP; a random-init tower
+    # (offline demos) has nothing to preserve and learns parts far faster when trained.
+    train_vision: bool = False
     adapter_hidden: int = 192
     adapter_ratio: float = 0.2  # a <- (1 - r) a + r MLP(a)
     reduce_dim: int = 64

@@ -1,4 +1,9 @@
-"""`partclipseg demo`: SynthParts -> train the tiny model -> evaluate -> pictures -> table."""
+"""`partclipseg demo`: the whole pipeline on SynthParts, minutes on a CPU.
+
+SynthParts -> train the tiny model -> evaluate (PyTorch) -> export an ONNX bundle -> run it
+through the runtime (ONNX Runtime FP32 / FP16 vs PyTorch: mIoU parity, pixel agreement,
+latency) -> overlay pictures from the deployed model -> one results table.
+"""
 
 from __future__ import annotations
 
@@ -13,32 +18,25 @@ import numpy as np
 __all__ = ["run_demo", "write_overlays"]
 
 
-def write_overlays(model: Any, dataset: Any, out: Path, n: int = 6) -> list[Path]:
-    """Pred-All pictures (image | ground truth | prediction | legend) for the first n samples."""
-    import torch
-
+def write_overlays(seg: Any, dataset: Any, out: Path, n: int = 6) -> list[Path]:
+    """Pred-All pictures (image | ground truth | prediction | legend) of a deployed
+    `runtime.Segmenter` for the first n samples."""
     from runtime.overlay import panel
-    from runtime.postprocess import pred_all
-    from runtime.preprocess import preprocess
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = dataset.vocabulary
-    cond = model.encode_vocabulary(vocab)
     paths = []
-    with torch.no_grad():
-        for i in range(min(n, len(dataset))):
-            s = dataset[i]
-            x = torch.from_numpy(preprocess(s["image"], model.cfg.image_size))[None]
-            o = model.forward_image(x, cond)
-            obj = None if o.object_logits is None else o.object_logits[0].numpy()
-            pred = pred_all(o.logits[0].numpy(), vocab.class_objects, s["part"].shape, obj)
-            gt = np.where(s["part"] == 255, -1, s["part"])
-            unseen = sorted({vocab.objects[c] for c in np.unique(s["object"])
-                             if c != 255 and vocab.objects[c] in vocab.unseen_objects})
-            title = f"{s['name']}  (Pred-All)" + (f"  unseen: {', '.join(unseen)}" if unseen else "")
-            path = out / f"{s['name']}.png"
-            panel(s["image"], vocab.class_names, pred, gt, title=title).save(path)
-            paths.append(path)
+    for i in range(min(n, len(dataset))):
+        s = dataset[i]
+        pred = seg.predict(s["image"])
+        gt = np.where(s["part"] == 255, -1, s["part"])
+        unseen = sorted({vocab.objects[c] for c in np.unique(s["object"])
+                         if c != 255 and vocab.objects[c] in vocab.unseen_objects})
+        title = (f"{s['name']}  (Pred-All, {seg.backend_name})"
+                 + (f"  unseen: {', '.join(unseen)}" if unseen else ""))
+        path = out / f"{s['name']}.png"
+        panel(s["image"], vocab.class_names, pred.labels, gt, title=title).save(path)
+        paths.append(path)
     return paths
 
 
@@ -47,8 +45,14 @@ def _row(name: str, m: dict[str, Any]) -> str:
             f"| {m['biou_h']:6.1f} |")
 
 
-def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = None) -> dict:
+def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = None,
+             deploy_samples: int = 60) -> dict:
+    """Run every stage into `out`; returns the summary written to out/summary.json."""
     import torch
+
+    from export.onnx import export_onnx
+    from export.report import deployment_report, format_report
+    from runtime import Segmenter
 
     from .checkpoint import load_model
     from .data.synthparts import generate
@@ -65,43 +69,65 @@ def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = Non
         cfg = cfg.replace(steps=steps, eval_every=min(cfg.eval_every, steps))
     timings: dict[str, float] = {}
 
-    print(f"[1/4] SynthParts -> {data_root}")
+    def stage(name: str, t: float) -> None:
+        timings[name] = time.perf_counter() - t
+
+    print(f"[1/6] SynthParts -> {data_root}")
     t = time.perf_counter()
     if not (data_root / "classes.json").is_file():
         generate(data_root, seed=cfg.data.synth_seed, n_train=cfg.data.synth_train,
                  n_val=cfg.data.synth_val)
-    timings["synth"] = time.perf_counter() - t
+    stage("synth", t)
 
-    print(f"[2/4] training {cfg.model} for {cfg.steps} steps -> {out / 'run'}")
+    print(f"[2/6] training {cfg.model} for {cfg.steps} steps -> {out / 'run'}")
     t = time.perf_counter()
     train(cfg, out / "run", overwrite=True)
-    timings["train"] = time.perf_counter() - t
+    stage("train", t)
+    ckpt = out / "run" / "best.pt"
 
-    print("[3/4] evaluating best.pt (seen / unseen / h-IoU)")
+    print(f"[3/6] evaluating {ckpt} in PyTorch (seen / unseen / h-IoU)")
     t = time.perf_counter()
-    model, vocab, _ = load_model(out / "run" / "best.pt")
+    model, vocab, _ = load_model(ckpt)
     results = {}
     for setting in SETTINGS:
         ds = eval_dataset("synthparts", str(data_root), "val", setting)
         results[setting] = evaluate(model, ds, setting)
         (out / f"metrics_{setting}.json").write_text(json.dumps(results[setting], indent=2))
-    timings["eval"] = time.perf_counter() - t
+    del model
+    stage("eval", t)
 
-    print("[4/4] overlay pictures")
-    pictures = write_overlays(model, eval_dataset("synthparts", str(data_root), "val", "pred-all"),
+    print(f"[4/6] exporting {out / 'bundle'} (ONNX FP32 + FP16, text side precomputed)")
+    t = time.perf_counter()
+    export_onnx(ckpt, out / "bundle")
+    stage("export", t)
+
+    print(f"[5/6] runtime: every backend vs PyTorch on {deploy_samples} val images (Pred-All)")
+    t = time.perf_counter()
+    rows = deployment_report(out / "bundle", data_root, setting="pred-all",
+                             limit=deploy_samples, latency_runs=10)
+    (out / "deployment.json").write_text(json.dumps(rows, indent=2))
+    stage("runtime", t)
+
+    print("[6/6] overlay pictures from the deployed model (ONNX Runtime)")
+    seg = Segmenter.load(out / "bundle", backend="onnxruntime", device="cpu")
+    pictures = write_overlays(seg, eval_dataset("synthparts", str(data_root), "val", "pred-all"),
                               out / "overlays")
     timings["total"] = time.perf_counter() - t_start
 
     lines = ["", f"SynthParts val, {cfg.model} model, {cfg.steps} steps "
-             f"({len(vocab.class_names)} classes, unseen objects: {', '.join(sorted(vocab.unseen_objects))})",
+             f"({len(vocab.class_names)} classes, unseen objects: "
+             f"{', '.join(sorted(vocab.unseen_objects))})",
              "| setting                      | seen   | unseen | h-IoU  | h-BIoU |",
              "|------------------------------|--------|--------|--------|--------|"]
     lines += [_row(f"PyTorch FP32, {s}", results[s]) for s in SETTINGS]
+    lines += ["", "Deployed (runtime.Segmenter, uint8 image in, label map out; CPU):",
+              format_report(rows, "pred-all")]
     lines += ["", "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
               f"pictures: {pictures[0].parent}/ ({len(pictures)} files)",
-              f"checkpoint: {out / 'run' / 'best.pt'}"]
+              f"checkpoint: {ckpt}", f"bundle: {out / 'bundle'}"]
     print("\n".join(lines))
     summary = {"results": {s: {k: v for k, v in r.items() if k != "per_class"}
-                           for s, r in results.items()}, "timings_s": timings}
+                           for s, r in results.items()},
+               "deployment": rows, "timings_s": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

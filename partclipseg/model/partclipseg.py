@@ -112,9 +112,10 @@ class PartCLIPSeg(nn.Module):
 
     # -- parameters ----------------------------------------------------------------------------
     def _freeze_clip(self) -> None:
-        """Trainable: adapters, text token/position embeddings, FiLMs, decoder, background."""
+        """Trainable: adapters, text token/position embeddings, FiLMs, decoder, background
+        (and the image tower with `train_vision`)."""
         for p in self.vit.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(self.cfg.train_vision)
         for p in self.text.parameters():
             p.requires_grad_(False)
         self.text.token_embedding.weight.requires_grad_(True)
