@@ -229,3 +229,22 @@ def test_real_dataset_configs_use_the_paper_recipe(name):
 def test_bad_train_configs_are_refused_clearly(bad, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(bad)
+
+
+def test_training_starts_from_an_init_checkpoint(tmp_path, torch):
+    """`init:` (e.g. import-weights output) seeds the model with that checkpoint's weights."""
+    from partclipseg.checkpoint import save_checkpoint
+    from partclipseg.model import build_model
+    from partclipseg.training.config import TrainConfig
+    from partclipseg.training.trainer import _initial_model
+
+    torch.manual_seed(5)
+    src = build_model("tiny")
+    vocab = __import__("conftest").VOCAB
+    init = save_checkpoint(tmp_path / "init.pt", src, vocab)
+    model = _initial_model(TrainConfig(model="tiny", init=str(init)))
+    for (n, a), b in zip(src.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), n
+    model = _initial_model(TrainConfig(model="tiny", init=str(init),
+                                       model_overrides={"adapters": False}))
+    assert model.adapters is None

@@ -34,6 +34,9 @@ class TrainConfig:
 
     model: str = "vit_b16"  # model config name or JSON path
     model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Start from a checkpoint's weights (e.g. `partclipseg import-weights` output); the model
+    # is then built from that checkpoint's own config, with `model_overrides` applied.
+    init: str | None = None
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     steps: int = 20_000

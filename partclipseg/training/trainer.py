@@ -135,7 +135,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     train_set = load_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split, per_object=False)
     full_vocab = train_set.vocabulary
     vocab = full_vocab.seen_subset()  # unseen objects: never named, their pixels ignored
-    model = build_model(cfg.model, **dict(cfg.model_overrides)).to(dev)
+    model = _initial_model(cfg).to(dev)
     samples = TrainSamples(train_set, vocab, model.cfg.image_size, cfg.seed, cfg.hflip,
                            cfg.scale_range)
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -255,6 +255,27 @@ def _global_count(world: int) -> Any:
         dist.all_reduce(n)
         return (n / world).to(torch.float32)
     return count
+
+
+def _initial_model(cfg: TrainConfig) -> torch.nn.Module:
+    """`cfg.model` at random init (or its pretrained towers), or the weights of `cfg.init`."""
+    if not cfg.init:
+        return build_model(cfg.model, **dict(cfg.model_overrides))
+    from ..config import ModelConfig
+
+    record = load_checkpoint(cfg.init)
+    # The weights are in the checkpoint: never fetch a pretrained tower again.
+    model_cfg = ModelConfig.from_dict(record["model_config"]).replace(
+        pretrained=None, **dict(cfg.model_overrides))
+    model = build_model(model_cfg)
+    missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
+    # Modules that the overrides may add or drop (adapters on/off, clipseg <-> partclipseg)
+    # start fresh or are left out; anything else must match.
+    optional = ("adapters.", "mix.", "embed_mix.", "film2.", "head2.")
+    wrong = [k for k in list(missing) + list(unexpected) if not k.startswith(optional)]
+    if wrong:
+        raise ValueError(f"init checkpoint {cfg.init} does not fit the model: {wrong[:5]}")
+    return model
 
 
 def _float(out: Any) -> Any:
