@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-adapters", action="store_true",
                    help="CLIPSeg: build without visual adapters (plain CLIPSeg numerics)")
     w.add_argument("--partial", action="store_true", help="write the checkpoint even when some "
-                   "source weights cannot be represented (they keep their initialization)")
+                   "source keys are not understood by the converter (they are ignored, listed)")
     return p
 
 

@@ -49,10 +49,16 @@ class ModelConfig:
     train_vision: bool = False
     adapter_hidden: int = 192
     adapter_ratio: float = 0.2  # a <- (1 - r) a + r MLP(a)
+    # a <- (1 - r) a + r ReLU(MLP(a)): the released PartCLIPSeg code's adapter (kaist-cvml/
+    # part-clipseg) ends with a ReLU on the MLP output, before the residual mix.
+    adapter_out_relu: bool = False
     reduce_dim: int = 64
     decoder_heads: int = 4
     decoder_mlp_dim: int = 2048
     decoder_act: str = "relu"  # "relu" (paper) | "quick_gelu" (Hugging Face CLIPSeg)
+    # Stage-2 part/object mixing layer Mix([F_p ; F_o]): "linear" (the paper's per-pixel Linear
+    # 2D -> D) | "mlp" (Linear 2D -> D, ReLU, Linear D -> D: the authors' released code).
+    mix: str = "linear"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
@@ -62,6 +68,8 @@ class ModelConfig:
             raise ConfigError(f"mode must be 'partclipseg' or 'clipseg', got {self.mode!r}")
         if self.decoder_act not in ("relu", "quick_gelu"):
             raise ConfigError(f"decoder_act must be 'relu' or 'quick_gelu', got {self.decoder_act!r}")
+        if self.mix not in ("linear", "mlp"):
+            raise ConfigError(f"mix must be 'linear' or 'mlp', got {self.mix!r}")
         layers = self.vision_cfg.get("layers", 12)
         if sorted(self.extract_layers) != list(self.extract_layers) or not self.extract_layers \
                 or self.extract_layers[-1] >= layers or self.extract_layers[0] < 0:

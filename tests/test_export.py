@@ -61,6 +61,37 @@ def test_onnx_matches_torch_on_another_vocabulary_and_batch(tiny_bundle, tiny_ck
             assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol, name
 
 
+def test_onnx_mlp_mix_variant_keeps_class_dims_dynamic(tmp_path, torch, vocab):
+    """The released code's variants (MLP Mix, adapter output ReLU) export with P/O/K dynamic."""
+    from partclipseg.checkpoint import load_model, save_checkpoint
+    from partclipseg.config import CLIP_MEAN, CLIP_STD
+    from partclipseg.model import build_model
+    from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
+
+    torch.manual_seed(3)
+    model = build_model("tiny", mix="mlp", adapter_out_relu=True)
+    with torch.no_grad():  # off the averaging init, so the ReLU bends inside the graph
+        for p in model.mix.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ckpt = save_checkpoint(tmp_path / "mlp.pt", model, vocab)
+    manifest = export_onnx(ckpt, tmp_path / "b", fp16=False)
+    assert manifest["model_config"]["mix"] == "mlp"
+    model, _, _ = load_model(ckpt)
+    other = Vocabulary.from_names([("cat", "tail"), ("cat", "ear"), ("red quadruped", "head"),
+                                   ("van", "wheel"), ("van", "door"), ("van", "window")])
+    size = model.cfg.image_size
+    feed = example_inputs(size, vocab_arrays(model, other), batch=3, seed=7)
+    with torch.no_grad():
+        ref = DeployModel(model, CLIP_MEAN, CLIP_STD)(
+            *(torch.from_numpy(feed[n]) for n in spec.inputs_for_mode("partclipseg")))
+    out = _run(tmp_path / "b" / spec.ONNX_FP32, feed)
+    assert out[0].shape == (3, other.num_classes + 1, size, size)
+    assert out[1].shape == (3, len(other.objects) + 1, size, size)
+    for o, r in zip(out, ref):
+        r = r.numpy()
+        assert np.linalg.norm(o - r) / np.linalg.norm(r) < 1e-4
+
+
 def test_fp16_graph_keeps_layernorm_in_fp32(tiny_bundle):
     g = onnx.load(str(tiny_bundle / spec.ONNX_FP16)).graph
     inits = {i.name: i.data_type for i in g.initializer}

@@ -241,7 +241,8 @@ def test_released_partclipseg_linear_mixing(hf_model, hf_dir, tmp_path, capsys):
     assert rep["unmapped"] == [] and rep["initialized"] == []
     assert any(k.startswith("partclipseg_model.text_adapter") for k in
                (u.split(":")[0] for u in rep["unused"]))
-    assert rep["approximate"] and "ReLU" in rep["approximate"][0]
+    assert rep["approximate"] == []
+    assert model.cfg.mix == "linear" and model.cfg.adapter_out_relu
     sd, p = model.state_dict(), "partclipseg_model."
     pairs = {"mix.weight": "decoder.part_obj_mlp.weight", "film2.mul.weight":
              "decoder.cond_film_mul.weight", "embed_mix.weight": "decoder.reduce_cond_embed.weight",
@@ -253,14 +254,98 @@ def test_released_partclipseg_linear_mixing(hf_model, hf_dir, tmp_path, capsys):
     assert torch.equal(sd["background"], state[p + "non_object_embedding"])
 
 
-def test_released_partclipseg_mlp_mixing_is_named(hf_model, hf_dir, tmp_path):
-    path = _write_released(hf_dir, tmp_path, _released_state(hf_model, "mlp"))
-    with pytest.raises(WeightsError, match="MLP version of the part/object mixing layer"):
-        import_weights(path, tmp_path / "a.pt", expect="partclipseg")
-    res = import_weights(path, tmp_path / "b.pt", allow_partial=True, image_size=HF_IMAGE)
-    assert res.conversion.mixing == "mlp" and res.initialized == ["mix.bias", "mix.weight"]
-    mix = load_checkpoint(res.path)["state_dict"]["mix.weight"]
-    assert torch.equal(mix, torch.cat([torch.eye(D), torch.eye(D)], 1) / 2)  # model's init
+def test_released_partclipseg_mlp_mixing_imports_exactly(hf_model, hf_dir, tmp_path, capsys):
+    state = _released_state(hf_model, "mlp")
+    path = _write_released(hf_dir, tmp_path, state)
+    out = tmp_path / "init.pt"
+    assert main(["import-weights", "--partclipseg", str(path), "--out", str(out),
+                 "--image-size", str(HF_IMAGE)]) == 0  # no --partial
+    assert "mixing layer: mlp version" in capsys.readouterr().out
+    model, _, record = load_model(out)
+    rep = record["import_report"]
+    assert rep["mixing"] == "mlp" and rep["initialized"] == [] and rep["unmapped"] == []
+    assert rep["approximate"] == []
+    assert record["model_config"]["mix"] == "mlp" and record["model_config"]["adapter_out_relu"]
+    sd, p = model.state_dict(), "partclipseg_model."
+    for i in (0, 2):
+        for n in ("weight", "bias"):
+            assert torch.equal(sd[f"mix.{i}.{n}"], state[f"{p}decoder.part_obj_mlp.{i}.{n}"])
+
+
+def _released_stage2(hf_model, state, images, e, vocab, mixing):
+    """Stage-2 logits (B, K, S, S) computed as the released forward does (kaist-cvml/part-clipseg
+    modeling_partclipseg.py, d75a599) from the source tensors, for text features e (P + O, E).
+    One deviation, on purpose: We gets [e_o ; e_p] with the object's own embedding (the released
+    forward gathers e_o without skipping the P parts; ours does not reproduce that)."""
+    import torch.nn.functional as F
+
+    t = lambda k: state["partclipseg_model." + k]  # noqa: E731
+    n_parts = len(vocab.parts)
+    cp, co = torch.tensor(vocab.class_parts), torch.tensor(vocab.class_objects)
+    with torch.no_grad():
+        hs = hf_model.clip.vision_model(pixel_values=images,
+                                        output_hidden_states=True).hidden_states
+        fc0, fc2 = t("visual_adapter.fc.0.weight"), t("visual_adapter.fc.2.weight")
+        acts = [torch.relu(torch.relu(a @ fc0.T) @ fc2.T) * 0.2 + a * 0.8
+                for a in (hs[i + 1] for i in hf_model.extract_layers)]
+        cond = torch.cat([e, t("non_object_embedding")])  # parts, objects, background
+        b, c = images.shape[0], cond.shape[0]
+        acts = [a.unsqueeze(1).repeat(1, c, 1, 1).flatten(0, 1) for a in acts]
+        cond = cond.repeat(b, 1)
+        dec, x = hf_model.decoder, None
+        for i, (a, layer, reduce) in enumerate(zip(acts[::-1], dec.layers, dec.reduces)):
+            x = reduce(a) if x is None else reduce(a) + x
+            if i == 0:
+                x = dec.film_mul(cond)[:, None] * x + dec.film_add(cond)[:, None]
+            x = layer(x, attention_mask=None)
+            x = x[0] if isinstance(x, tuple) else x
+        g = int((x.shape[1] - 1) ** 0.5)
+        feats = x[:, 1:].reshape(b, c, g * g, -1)
+        po = torch.cat([feats[:, cp], feats[:, n_parts + co]], -1)  # (B, K, g*g, 2D)
+        m = "decoder.part_obj_mlp"
+        if mixing == "linear":
+            mixed = F.linear(po, t(m + ".weight"), t(m + ".bias"))
+        else:
+            mixed = F.linear(F.relu(F.linear(po, t(m + ".0.weight"), t(m + ".0.bias"))),
+                             t(m + ".2.weight"), t(m + ".2.bias"))
+        ek = F.linear(torch.cat([e[n_parts + co], e[cp]], 1),
+                      t("decoder.reduce_cond_embed.weight"), t("decoder.reduce_cond_embed.bias"))
+        mul = F.linear(ek, t("decoder.cond_film_mul.weight"), t("decoder.cond_film_mul.bias"))
+        add = F.linear(ek, t("decoder.cond_film_add.weight"), t("decoder.cond_film_add.bias"))
+        y = mul[None, :, None] * mixed + add[None, :, None]
+        k = y.shape[1]
+        y = y.transpose(2, 3).reshape(b * k, -1, g, g)
+        h = "decoder.part_obj_with_cond_embed."
+        y = F.relu(F.conv2d(y, t(h + "0.weight"), t(h + "0.bias"), padding=1))
+        y = F.relu(F.conv_transpose2d(y, t(h + "2.weight"), t(h + "2.bias"), stride=4))
+        y = F.conv_transpose2d(y, t(h + "4.weight"), t(h + "4.bias"), stride=4)
+    return y.reshape(b, k, *y.shape[-2:])
+
+
+@pytest.mark.parametrize("mixing", ["linear", "mlp"])
+def test_released_partclipseg_stage2_logits_match_reference(hf_model, hf_dir, tmp_path, vocab,
+                                                            mixing):
+    state = _released_state(hf_model, mixing)
+    res = import_weights(_write_released(hf_dir, tmp_path, state), tmp_path / "i.pt",
+                         image_size=HF_IMAGE, vocab=vocab)
+    model, _, _ = load_model(res.path)
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, HF_IMAGE, HF_IMAGE, generator=g)
+    e = torch.randn(len(vocab.parts) + len(vocab.objects), E, generator=g)
+    model.encode_names = lambda names: e  # text features given (the text tower is tested above)
+    with torch.no_grad():
+        ours = model(images, vocab).logits[:, :-1]
+    ref = _released_stage2(hf_model, state, images, e, vocab, mixing)
+    assert ours.shape == ref.shape == (2, vocab.num_classes, HF_IMAGE, HF_IMAGE)
+    err = _rel(ours, ref)
+    print(f"relative error, stage-2 logits, released layout with {mixing} mixing: {err:.2e}")
+    assert err <= 1e-4
+    # Without the adapter's output ReLU the numbers differ: the switch is what makes it exact.
+    plain = type(model)(model.cfg.replace(adapter_out_relu=False)).eval()
+    plain.load_state_dict(model.state_dict())
+    plain.encode_names = model.encode_names
+    with torch.no_grad():
+        assert _rel(plain(images, vocab).logits[:, :-1], ref) > 1e-3
 
 
 # -- open_clip ViT-B-16 at its real size, through open_clip's state-dict loading path ----------

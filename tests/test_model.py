@@ -113,6 +113,55 @@ def test_stage2_starts_as_copy_of_stage1(models):
         torch.testing.assert_close(a, b)
 
 
+def test_mlp_mix_trains_with_the_losses(vocab):
+    """The released code's variants (MLP Mix, adapter output ReLU): forward, losses, backward."""
+    torch.manual_seed(0)
+    m = build_model("tiny", mix="mlp", adapter_out_relu=True)
+    assert [type(x).__name__ for x in m.mix] == ["Linear", "ReLU", "Linear"]
+    assert isinstance(m.adapters[0].mlp[-1], torch.nn.ReLU)
+    x, part, obj = make_batch(torch)
+    out = m.forward_image(x, m.encode_vocabulary(vocab), need_attention=True)
+    loss, terms = PartCLIPSegLoss()(out, vocab, *build_targets(part, obj, vocab.num_classes,
+                                                             len(vocab.objects)))
+    assert set(terms) == {"os", "obj", "part", "sep", "enh"} and torch.isfinite(loss)
+    loss.backward()
+    trainable = dict(m.trainable_parameters())
+    assert {"mix.0.weight", "mix.0.bias", "mix.2.weight", "mix.2.bias"} <= set(trainable)
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_mlp_mix_starts_as_the_linear_mix_average(vocab):
+    """Both Mix versions start as the average of [F_p ; F_o]: same stage-2 logits at init."""
+    torch.manual_seed(0)
+    lin = build_model("tiny").eval()
+    mlp = build_model("tiny", mix="mlp").eval()
+    shared = {k: v for k, v in lin.state_dict().items() if not k.startswith("mix.")}
+    mlp.load_state_dict(shared, strict=False)
+    x, _, _ = make_batch(torch)
+    with torch.no_grad():
+        a, b = lin(x, vocab), mlp(x, vocab)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+    # ...while the MLP really is one: its ReLU bends once the biases move.
+    with torch.no_grad():
+        mlp.mix[0].bias.zero_()
+        c = mlp(x, vocab)
+    assert not torch.allclose(c.logits, a.logits, atol=1e-3)
+
+
+def test_adapter_out_relu_placement():
+    """ReLU on the MLP output, then the residual mix: (1 - r) a + r ReLU(MLP(a))."""
+    from partclipseg.model.decoder import Adapter
+
+    torch.manual_seed(0)
+    plain, relu = Adapter(8, 4, 0.2), Adapter(8, 4, 0.2, out_relu=True)
+    relu.load_state_dict(plain.state_dict())  # same keys either way
+    a = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(relu(a), 0.8 * a + 0.2 * torch.relu(plain.mlp(a)))
+        torch.testing.assert_close(plain(a), 0.8 * a + 0.2 * plain.mlp(a))
+
+
 def test_adapters_switch_off_gives_plain_clipseg_decoder():
     m = build_model("tiny", adapters=False)
     assert m.adapters is None
@@ -126,6 +175,8 @@ def test_config_errors():
         load_model_config("tiny", extract_layers=[3, 6, 12])
     with pytest.raises(ConfigError, match="mode"):
         load_model_config("tiny", mode="maskformer")
+    with pytest.raises(ConfigError, match="mix"):
+        load_model_config("tiny", mix="transformer")
 
 
 def test_vit_b16_reference_config_shapes():

@@ -17,16 +17,19 @@ Hugging Face `CLIPSegForImageSegmentation` (e.g. CIDAS/clipseg-rd64-refined):
 The authors' PartCLIPSeg (github.com/kaist-cvml/part-clipseg, detectron2 `.pth`, state dict under
 "model", HF CLIPSeg wrapped as `partclipseg_model.`) adds:
   decoder.cond_film_{mul,add} -> film2 (FiLM');  decoder.reduce_cond_embed (E, 2E) -> embed_mix
-      (input [e_o ; e_p], as ours);  decoder.part_obj_with_cond_embed.{0,2,4} -> head2 (H');
+      (input [e_o ; e_p], as ours; but the released forward at d75a599 fills the e_o slot with
+      row `class_object` of [parts; objects; background] without skipping the P parts, so there
+      its We saw a part's embedding; ours feeds the object's);
+      decoder.part_obj_with_cond_embed.{0,2,4} -> head2 (H');
   non_object_embedding (1, E) -> background;
-  visual_adapter.fc.{0: (W/4, W), 2: (W, W/4)} (ONE adapter shared by the three taps, with an
-      extra ReLU on its output) -> copied into each of our three adapters (approximate: ours
-      has no output ReLU);
-  decoder.part_obj_mlp: the part/object mixing layer, in one of two versions:
-      "linear": part_obj_mlp.{weight (D, 2D), bias} - the paper's per-pixel Linear, = our Mix;
-      "mlp":    part_obj_mlp.{0: (D, 2D), 2: (D, D)} - Linear, ReLU, Linear (the released code):
-                not representable by our single-Linear Mix; refused unless `allow_partial`,
-                which keeps Mix at its initialization (fine-tune before use).
+  visual_adapter.fc.{0: (W/4, W), 2: (W, W/4)} (ONE adapter shared by the three taps; fc is
+      Linear, ReLU, Linear, ReLU and the taps become 0.2 fc(a) + 0.8 a) -> copied into each of
+      our three adapters, built with `adapter_out_relu` (the ReLU on the MLP output): exact;
+  decoder.part_obj_mlp: the part/object mixing layer, in one of two versions (`Conversion.mixing`,
+      and the model config's `mix`):
+      "linear": part_obj_mlp.{weight (D, 2D), bias} - the paper's per-pixel Linear -> mix.*;
+      "mlp":    part_obj_mlp.{0: (D, 2D), 2: (D, D)} - Linear, ReLU, Linear (the released code)
+                -> mix.0.*, mix.2.* of the MLP Mix;
   text_adapter.* (its output is multiplied by 0 in the released forward) and tunable_linear
   (unused there) carry no information and are dropped.
 
@@ -254,8 +257,9 @@ def convert_clipseg(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, A
     """Map an HF CLIPSeg or released PartCLIPSeg state dict onto our PartCLIPSeg keys.
 
     `mode`/`adapters`/`image_size` choose the model to build (a released PartCLIPSeg checkpoint
-    forces mode "partclipseg" with adapters). `allow_partial` accepts a source whose mixing
-    layer cannot be represented (see the module docstring); that layer then keeps its init.
+    forces mode "partclipseg" with adapters, `adapter_out_relu` and the `mix` version found).
+    `allow_partial` is accepted for symmetry with the importer (which uses it for unmapped
+    source keys); every layer this converter maps is represented exactly.
     """
     prefix, fmt = detect_layout(state)
     released = fmt == _FORMAT_RELEASED
@@ -263,8 +267,11 @@ def convert_clipseg(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, A
         mode, adapters = "partclipseg", True
     cfg = clipseg_model_config(state, prefix, hf_config, name=name, image_size=image_size,
                                mode=mode, adapters=adapters)
+    mixing = _released_mixing(state, prefix) if released else None
+    if released:
+        cfg = cfg.replace(mix=mixing, adapter_out_relu=True)
     m = _Mapper(state, prefix)
-    conv = Conversion({}, cfg, fmt, prefix)
+    conv = Conversion({}, cfg, fmt, prefix, mixing=mixing)
     taps = cfg.extract_layers
 
     # -- image tower: runs to the deepest tap only -------------------------------------------
@@ -306,7 +313,7 @@ def convert_clipseg(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, A
     m.head("head", "decoder.transposed_convolution")
 
     if released:
-        _released_extras(m, conv, cfg, allow_partial)
+        _released_extras(m, cfg)
     else:
         if adapters:
             conv.not_in_source.append("adapters.*: initialized (CLIPSeg has no adapters)")
@@ -327,38 +334,34 @@ def convert_clipseg(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, A
     return conv
 
 
-def _released_extras(m: _Mapper, conv: Conversion, cfg: ModelConfig, allow_partial: bool) -> None:
+def _released_mixing(state: Mapping[str, torch.Tensor], prefix: str) -> str:
+    """Which version of the part/object mixing layer a released checkpoint holds."""
+    if prefix + "decoder.part_obj_mlp.weight" in state:
+        return "linear"
+    if prefix + "decoder.part_obj_mlp.0.weight" in state:
+        return "mlp"
+    raise WeightsError("released PartCLIPSeg layout without a part/object mixing layer "
+                       "(decoder.part_obj_mlp.weight or decoder.part_obj_mlp.0.weight)")
+
+
+def _released_extras(m: _Mapper, cfg: ModelConfig) -> None:
     m.linear("film2.mul", "decoder.cond_film_mul")
     m.linear("film2.add", "decoder.cond_film_add")
     m.linear("embed_mix", "decoder.reduce_cond_embed")
     m.head("head2", "decoder.part_obj_with_cond_embed")
     bg = m.take("non_object_embedding")
     m.out["background"] = bg.reshape(1, -1)
-    # One shared adapter in the released code (with an output ReLU ours lacks).
+    # One shared adapter in the released code, ending with a ReLU: cfg.adapter_out_relu.
     w1, w2 = m.take("visual_adapter.fc.0.weight"), m.take("visual_adapter.fc.2.weight")
     if w1.shape[0] != cfg.adapter_hidden:
         raise WeightsError(f"visual_adapter hidden size {w1.shape[0]} != {cfg.adapter_hidden}")
     for i in range(len(cfg.extract_layers)):
         m.out[f"adapters.{i}.mlp.0.weight"] = w1.clone()
         m.out[f"adapters.{i}.mlp.2.weight"] = w2.clone()
-    conv.approximate.append(
-        "adapters.*: the released visual_adapter (shared by all taps) ends with a ReLU on its "
-        "output that our Adapter does not apply; fine-tune (or evaluate) before relying on it")
     m.drop(r"text_adapter\..*", "text adapter: multiplied by 0 in the released forward")
     m.drop(r"tunable_linear\.weight", "unused in the released forward")
-    if m.has("decoder.part_obj_mlp.weight"):
-        conv.mixing = "linear"
+    if cfg.mix == "linear":
         m.linear("mix", "decoder.part_obj_mlp")
-    elif m.has("decoder.part_obj_mlp.0.weight"):
-        conv.mixing = "mlp"
-        msg = ("found the MLP version of the part/object mixing layer (decoder.part_obj_mlp.0/.2: "
-               "Linear 2D->D, ReLU, Linear D->D, as in the released code); our Mix is the "
-               "paper's single per-pixel Linear 2D->D, which cannot represent it")
-        if not allow_partial:
-            raise WeightsError(msg + ". Import anyway with --partial (Mix keeps its "
-                               "initialization; fine-tune before use).")
-        m.drop(r"decoder\.part_obj_mlp\.\d+\..*", "MLP mixing layer (not representable)")
-        conv.not_in_source.append("mix: " + msg + "; kept at its initialization (--partial)")
-    else:
-        raise WeightsError("released PartCLIPSeg layout without a part/object mixing layer "
-                           "(decoder.part_obj_mlp.weight or decoder.part_obj_mlp.0.weight)")
+    else:  # Linear 2D->D, ReLU, Linear D->D
+        m.linear("mix.0", "decoder.part_obj_mlp.0")
+        m.linear("mix.2", "decoder.part_obj_mlp.2")

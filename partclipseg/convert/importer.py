@@ -27,7 +27,7 @@ SOURCES = {"clipseg": "hf-clipseg", "partclipseg": "partclipseg-released"}
 # Our keys a source may leave to the model's own initialization, by source format.
 _MAY_BE_INITIALIZED = {
     "hf-clipseg": ("adapters.", "background", "mix.", "embed_mix."),
-    "partclipseg-released": ("mix.",),  # only with allow_partial (MLP mixing layer)
+    "partclipseg-released": (),  # every weight comes from the source (either mixing version)
 }
 
 
@@ -63,8 +63,10 @@ def import_weights(source: str | Path, out: str | Path, *, expect: str | None = 
     """Convert `source` (HF CLIPSeg folder/file or released PartCLIPSeg .pth) and write `out`.
 
     expect: "clipseg" or "partclipseg" to insist on a source kind (None: either).
-    allow_partial: write the checkpoint even with unmapped source keys or a mixing layer that
-        cannot be represented (those weights keep the model's initialization; listed).
+    allow_partial: write the checkpoint even with source keys this converter does not know
+        (they are ignored and listed).
+    A released PartCLIPSeg checkpoint builds the model with the source's Mix version (`mix`:
+    "linear" or "mlp") and the released adapter's output ReLU (`adapter_out_relu`).
     Raises WeightsError naming every key that blocks an exact import.
     """
     import torch
@@ -98,10 +100,8 @@ def import_weights(source: str | Path, out: str | Path, *, expect: str | None = 
     initialized = sorted(set(ours) - set(conv.state_dict))
     allowed = _MAY_BE_INITIALIZED[conv.source_format]
     blocked = [k for k in initialized if not k.startswith(allowed)]
-    if blocked or (conv.source_format == "partclipseg-released" and initialized
-                   and not allow_partial):
-        raise WeightsError(f"the source does not provide these weights of the model: "
-                           f"{blocked or initialized}")
+    if blocked:
+        raise WeightsError(f"the source does not provide these weights of the model: {blocked}")
     model.load_state_dict(conv.state_dict, strict=False)
     notes = _preprocessing_notes(Path(source))
     files = [str(f) for f in foreign.files]

@@ -12,14 +12,20 @@ __all__ = ["Adapter", "FiLM", "DecoderBlock", "MaskHead"]
 class Adapter(nn.Module):
     """Residual bottleneck adapter on a tapped ViT activation: a <- (1 - r) a + r MLP(a).
 
-    (..., W) -> (..., W). MLP is W -> hidden -> W with ReLU and no biases.
+    (..., W) -> (..., W). MLP is W -> hidden -> W with ReLU and no biases. With `out_relu`, the
+    MLP ends with one more ReLU: a <- (1 - r) a + r ReLU(MLP(a)), the released PartCLIPSeg
+    `Adapter` (fc = Linear, ReLU, Linear, ReLU; applied as 0.2 fc(a) + 0.8 a). The ReLU has no
+    weights, so the state-dict keys (mlp.0, mlp.2) are the same either way.
     """
 
-    def __init__(self, width: int, hidden: int, ratio: float = 0.2):
+    def __init__(self, width: int, hidden: int, ratio: float = 0.2, out_relu: bool = False):
         super().__init__()
         self.ratio = ratio
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.ReLU(),
-                                 nn.Linear(hidden, width, bias=False))
+        layers = [nn.Linear(width, hidden, bias=False), nn.ReLU(),
+                  nn.Linear(hidden, width, bias=False)]
+        if out_relu:
+            layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return (1 - self.ratio) * a + self.ratio * self.mlp(a)

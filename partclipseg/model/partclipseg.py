@@ -9,6 +9,8 @@ Read top to bottom:
      decoder run once per stage-1 condition, all conditions as one batch -> head H gives a
      logit map per generalized part, per object and for background.
   3. stage 2: for each class k, G_k = Mix([F_p ; F_o]) -> FiLM'_{e_k} -> head H' -> logit T_k.
+     Mix is the paper's per-pixel Linear 2D -> D (`mix: "linear"`) or the released code's MLP
+     Linear 2D -> D, ReLU, Linear D -> D (`mix: "mlp"`).
 
 `mode="clipseg"` is the baseline: stage 1 only, conditioned on object-specific names.
 """
@@ -87,7 +89,8 @@ class PartCLIPSeg(nn.Module):
         self.text = TextEncoder(clip)
         n_taps = len(cfg.extract_layers)
         self.adapters = nn.ModuleList(
-            Adapter(width, cfg.adapter_hidden, cfg.adapter_ratio) for _ in range(n_taps)
+            Adapter(width, cfg.adapter_hidden, cfg.adapter_ratio, cfg.adapter_out_relu)
+            for _ in range(n_taps)
         ) if cfg.adapters else None
         self.background = nn.Parameter(torch.randn(1, emb) * 0.02)
         # Stage 1 (CLIPSeg decoder); reduces/blocks are ordered deep to shallow.
@@ -100,12 +103,28 @@ class PartCLIPSeg(nn.Module):
         if cfg.mode == "partclipseg":
             # Stage 2. Mix and We start as averages of their two inputs (our choice: stage 2
             # then starts from stage-1 features), FiLM' and H' as copies of FiLM and H.
-            self.mix = nn.Linear(2 * dim, dim)
+            if cfg.mix == "linear":
+                self.mix = nn.Linear(2 * dim, dim)
+            else:
+                self.mix = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
             self.embed_mix = nn.Linear(2 * emb, emb)
             with torch.no_grad():
-                for lin, d in ((self.mix, dim), (self.embed_mix, emb)):
+                first = self.mix if cfg.mix == "linear" else self.mix[0]
+                for lin, d in ((first, dim), (self.embed_mix, emb)):
                     lin.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], 1) / 2)
                     lin.bias.zero_()
+                if cfg.mix == "mlp":
+                    # The MLP starts as the same average: ReLU(avg + c) - c == avg wherever
+                    # avg > -c. Stage-1 features are LayerNorm outputs; with unit gain and zero
+                    # shift (the init) every element of a D-vector lies within +-sqrt(D - 1),
+                    # so with c = sqrt(D) the MLP equals the linear Mix's init (up to float
+                    # rounding) with every hidden unit active, so gradients reach all of them;
+                    # training then moves the biases to where the ReLU bends. (Plain
+                    # ReLU(avg) would start by zeroing about half of every feature.)
+                    shift = float(dim) ** 0.5
+                    self.mix[0].bias.fill_(shift)
+                    self.mix[2].weight.copy_(torch.eye(dim))
+                    self.mix[2].bias.fill_(-shift)
             self.film2 = copy.deepcopy(self.film)
             self.head2 = copy.deepcopy(self.head)
         self._freeze_clip()
@@ -195,8 +214,15 @@ class PartCLIPSeg(nn.Module):
         """Part (B, P, g, g, D) and object (B, >= O, g, g, D) features -> (B, K, g, g, D).
 
         Extra object rows (e.g. background) are never gathered. Shapes come from the tensors,
-        so an exported graph keeps P, O and K dynamic.
+        so an exported graph keeps P, O and K dynamic. The linear Mix is applied to parts and
+        objects separately, then gathered; the MLP Mix (not linear) to each class's gathered
+        [F_p ; F_o].
         """
+        if self.cfg.mix == "mlp":
+            # Gather [F_p ; F_o] per class: (B, K, g, g, 2D) -> MLP -> (B, K, g, g, D).
+            g = self.mix(torch.cat([part_feats[:, class_part], object_feats[:, class_object]],
+                                   dim=-1))
+            return FiLM.apply(g, film2_mul, film2_add)
         d = part_feats.shape[-1]
         # Mix is linear, so mix parts and objects once each, then gather per class:
         # costs P + O projections instead of K.
