@@ -48,15 +48,6 @@ def rss_mb() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
-# The "micro" model of tests/test_training.py: 3-block 64-wide ViT at 64 px (~5 ms a call).
-MICRO = {
-    "embed_dim": 64, "image_size": 64, "extract_layers": [0, 1, 2],
-    "vision_cfg": {"image_size": 224, "layers": 3, "width": 64, "head_width": 32,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
-                 "layers": 1},
-    "adapter_hidden": 16, "reduce_dim": 16, "decoder_mlp_dim": 32,
-}
 
 
 def make_tiny_bundle(root: Path, model: str = "tiny") -> Path:
@@ -74,8 +65,7 @@ def make_tiny_bundle(root: Path, model: str = "tiny") -> Path:
          ("blue bird", "head"), ("blue bird", "wing"), ("blue bird", "beak"),
          ("blue bird", "eye")], unseen_objects=["blue bird"])
     torch.manual_seed(0)
-    overrides = MICRO if model == "micro" else {}
-    ckpt = save_checkpoint(root / f"{model}.pt", build_model("tiny", **overrides), vocab)
+    ckpt = save_checkpoint(root / f"{model}.pt", build_model(model), vocab)
     export_onnx(ckpt, root / model)
     return root / model
 

@@ -43,14 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
-MICRO = {
-    "embed_dim": 64, "image_size": 64, "extract_layers": [0, 1, 2],
-    "vision_cfg": {"image_size": 224, "layers": 3, "width": 64, "head_width": 32,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
-                 "layers": 1},
-    "adapter_hidden": 16, "reduce_dim": 16, "decoder_mlp_dim": 32,
-}
 K = VOCAB.num_classes
 
 
@@ -76,7 +68,7 @@ def micro_ckpt(tmp_path_factory):
 
     torch.manual_seed(0)
     return save_checkpoint(tmp_path_factory.mktemp("micro") / "micro.pt",
-                           build_model("tiny", **MICRO), VOCAB)
+                           build_model("micro"), VOCAB)
 
 
 @pytest.fixture(scope="session")
@@ -637,7 +629,7 @@ def synth_micro(tmp_path_factory):
 def _train_cfg(root):
     from partclipseg.training.config import DataConfig, TrainConfig
 
-    return TrainConfig(model="tiny", model_overrides=MICRO,
+    return TrainConfig(model="micro",
                        data=DataConfig(root=str(root), val_limit=4), steps=6, batch_size=4,
                        lr=1e-3, warmup_steps=2, grad_clip=1.0, eval_every=2, log_every=1,
                        num_workers=0, seed=0)

@@ -25,15 +25,6 @@ from partclipseg.training.config import (CONFIG_DIR, DataConfig, TrainConfig,  #
 from partclipseg.training.losses import LossConfig  # noqa: E402
 from partclipseg.training.trainer import epoch_indices, train  # noqa: E402
 
-# A PartCLIPSeg small enough that a training step takes well under a second on 2 CPU cores.
-MICRO = {
-    "embed_dim": 64, "image_size": 64, "extract_layers": [0, 1, 2],
-    "vision_cfg": {"image_size": 224, "layers": 3, "width": 64, "head_width": 32,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
-                 "layers": 1},
-    "adapter_hidden": 16, "reduce_dim": 16, "decoder_mlp_dim": 32,
-}
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +36,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def micro_config(root: Path, **changes) -> TrainConfig:
-    cfg = TrainConfig(model="tiny", model_overrides=MICRO,
+    cfg = TrainConfig(model="micro",
                       data=DataConfig(root=str(root), val_limit=4), steps=6, batch_size=4,
                       lr=1e-3, warmup_steps=2, grad_clip=1.0, eval_every=4, log_every=1,
                       num_workers=0, seed=0)
@@ -81,7 +72,7 @@ def test_training_writes_checkpoints_and_metrics(synth_root, tmp_path):
     fresh = load_model(out / "last.pt")[0]
     from partclipseg.model import build_model
     torch.manual_seed(0)
-    init = build_model("tiny", **MICRO).state_dict()
+    init = build_model("micro").state_dict()
     trained = fresh.state_dict()
     assert not torch.equal(init["film.mul.weight"], trained["film.mul.weight"])
     assert torch.equal(init["vit.blocks.0.mlp.c_fc.weight"], trained["vit.blocks.0.mlp.c_fc.weight"])
