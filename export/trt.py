@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["build_engine", "profile_shapes", "EngineBuildError", "build_parser", "main"]
+__all__ = ["build_engine", "engine_bytes", "profile_shapes", "EngineBuildError", "build_parser", "main"]
 
 
 class EngineBuildError(RuntimeError):
@@ -59,6 +59,42 @@ def profile_shapes(manifest: dict[str, Any], min_batch: int, opt_batch: int, max
     return shapes
 
 
+def engine_bytes(onnx_path: str | Path, shapes: dict[str, list[list[int]]],
+                 workspace_gib: float = 4.0, timing_cache: str | Path | None = None) -> bytes:
+    """Parse `onnx_path` strongly typed and build a serialized engine for the profile `shapes`
+    ({input: [min, opt, max]}). `import_tensorrt` must have run first."""
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork,
+                                        NetworkFromOnnxPath, Profile)
+    from polygraphy.exception import PolygraphyException
+
+    from runtime.backends.tensorrt import import_tensorrt
+
+    trt, _ = import_tensorrt()
+    profile = Profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.add(name, lo, opt, hi)
+    cache = Path(timing_cache) if timing_cache else None
+    config = CreateConfig(
+        profiles=[profile],
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))},
+        load_timing_cache=str(cache) if cache and cache.is_file() else None)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    try:
+        serialized = EngineBytesFromNetwork(
+            network, config=config, save_timing_cache=str(cache) if cache else None)()
+    except PolygraphyException as e:
+        serialized, reason = None, str(e)
+    else:
+        reason = "no engine returned"
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path} ({reason}; "
+                               "TensorRT's log above names the cause). Out of memory: lower "
+                               "--max-batch / --max-classes or raise --workspace")
+    if cache:
+        cache.with_name(cache.name + ".lock").unlink(missing_ok=True)  # Polygraphy's file lock
+    return bytes(serialized)
+
+
 def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: int = 1,
                  opt_batch: int = 1, max_batch: int = 8, max_classes: int = 128,
                  workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
@@ -85,39 +121,14 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
     manifest = json.loads((bundle / spec.MANIFEST).read_text())
     shapes = profile_shapes(manifest, min_batch, opt_batch, max_batch, max_classes)
 
-    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork,
-                                        NetworkFromOnnxPath, Profile)
-
     from partclipseg.checkpoint import atomic_write
 
-    profile = Profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.add(name, lo, opt, hi)
     cache = Path(timing_cache) if timing_cache else bundle / spec.TIMING_CACHE
-    config = CreateConfig(
-        profiles=[profile],
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))},
-        load_timing_cache=str(cache) if cache.is_file() else None)
     _log(f"{onnx_path.name} -> {spec.ENGINE} with {flav} {trt.__version__} (strongly typed, "
          f"batch {min_batch}-{max_batch}, up to {max_classes} classes)")
     t = time.perf_counter()
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-    from polygraphy.exception import PolygraphyException
-
-    try:
-        serialized = EngineBytesFromNetwork(network, config=config,
-                                            save_timing_cache=str(cache))()
-    except PolygraphyException as e:
-        serialized, reason = None, str(e)
-    else:
-        reason = "no engine returned"
-    if serialized is None:
-        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path} ({reason}; "
-                               "TensorRT's log above names the cause). Out of memory: lower "
-                               "--max-batch / --max-classes or raise --workspace")
-    engine = bytes(serialized)
+    engine = engine_bytes(onnx_path, shapes, workspace_gib, cache)
     build_s = time.perf_counter() - t
-    cache.with_name(cache.name + ".lock").unlink(missing_ok=True)  # Polygraphy's file lock
     atomic_write(bundle / spec.ENGINE, lambda tmp: Path(tmp).write_bytes(engine))
     _log(f"  built in {build_s:.1f} s: {len(engine) / 1e6:.1f} MB")
     files = {"engine": spec.ENGINE}

@@ -277,3 +277,21 @@ def test_placement_reports_every_node_on_its_provider(tiny_bundle):
     assert report["memcpy_nodes"] == 0
     assert set(report["nodes_by_provider"]) == {"CPUExecutionProvider"}
     assert sum(report["nodes_by_provider"].values()) > 100
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("key", ["onnx_fp32", "onnx_fp16", "onnx_fp32_labels", "onnx_fp16_labels"])
+def test_every_exported_graph_builds_with_tensorrt(tiny_bundle, key):
+    """Not only the engine's graph: every graph a bundle holds parses strongly typed and builds."""
+    from runtime.backends.tensorrt import TensorRTUnavailable, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as e:
+        pytest.skip(str(e))
+    from export.trt import engine_bytes, profile_shapes
+
+    manifest = json.loads((tiny_bundle / spec.MANIFEST).read_text())
+    shapes = profile_shapes(manifest, 1, 1, 2, 16)
+    engine = engine_bytes(spec.read_manifest(tiny_bundle).file(key), shapes, workspace_gib=1.0)
+    assert len(engine) > 100_000
