@@ -239,3 +239,19 @@ def test_training_starts_from_an_init_checkpoint(tmp_path, torch):
     model = _initial_model(TrainConfig(model="tiny", init=str(init),
                                        model_overrides={"adapters": False}))
     assert model.adapters is None
+
+
+def test_image_tower_trains_at_its_own_learning_rate(torch):
+    from partclipseg.model import build_model
+    from partclipseg.training.trainer import param_groups
+
+    frozen = param_groups(build_model("micro"), 1e-4, lr=1e-3, vision_lr_scale=0.1)
+    assert all("lr" not in g for g in frozen)  # a frozen tower has no parameters to schedule
+    model = build_model("micro", train_vision=True)
+    groups = param_groups(model, 1e-4, lr=1e-3, vision_lr_scale=0.1)
+    vit = {id(p) for p in model.vit.parameters()}
+    for g in groups:
+        in_vit = {id(p) in vit for p in g["params"]}
+        assert len(in_vit) == 1  # no group mixes tower and decoder
+        assert g.get("lr", 1e-3) == (1e-4 if in_vit == {True} else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(model.trainable_parameters())

@@ -42,6 +42,7 @@ class TrainConfig:
     steps: int = 20_000
     batch_size: int = 8
     lr: float = 1e-4
+    vision_lr_scale: float = 1.0  # image-tower lr = lr * this (only with model train_vision)
     weight_decay: float = 1e-4  # 0 on norms, biases and embeddings
     poly_power: float = 0.9
     warmup_steps: int = 0
@@ -64,7 +65,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "poly_power", "grad_clip"):
+        for name in ("lr", "vision_lr_scale", "weight_decay", "poly_power", "grad_clip"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or \
                     (name == "lr" and v == 0):

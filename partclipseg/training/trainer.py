@@ -32,16 +32,23 @@ from .losses import PartCLIPSegLoss, build_targets
 __all__ = ["train", "param_groups", "poly_lr", "epoch_indices"]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on norms, biases and embeddings (paper)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 vision_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases and embeddings (paper); the image tower
+    (when trained, `train_vision`) at `vision_lr_scale` times the learning rate."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "embedding" in name or name.endswith("background")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((name.startswith("vit."), skip), []).append(p)
+    out = []
+    for (vision, skip), params in sorted(groups.items()):
+        g: dict[str, Any] = {"params": params, "weight_decay": 0.0 if skip else weight_decay}
+        if vision and lr is not None:
+            g["lr"] = lr * vision_lr_scale
+        out.append(g)
+    return out
 
 
 def poly_lr(step: int, total: int, power: float, warmup: int = 0) -> float:
@@ -138,7 +145,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     model = _initial_model(cfg).to(dev)
     samples = TrainSamples(train_set, vocab, model.cfg.image_size, cfg.seed, cfg.hflip,
                            cfg.scale_range)
-    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.vision_lr_scale),
+                              lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: poly_lr(s, cfg.steps, cfg.poly_power, cfg.warmup_steps))
     step, epoch, offset, best, history = 0, 0, 0, -math.inf, []
