@@ -75,6 +75,22 @@ def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int) -
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def _input_shapes(mode: str, size: int, dim: int, image_dtype: str) -> dict[str, Any]:
+    """Manifest record of the graph inputs: {name: {"shape", "dtype"}}, symbolic dimensions as
+    "B" (batch), "P" (parts), "O+1" (objects + background), "K" (classes)."""
+    from runtime import bundle as spec
+
+    rows = {spec.PART_FILM: ["P", dim], spec.OBJECT_FILM: ["O+1", dim],
+            spec.CLASS_FILM: ["K", dim], spec.CLASS_INDEX: ["K"]}
+    shapes = {spec.IMAGE: {"shape": ["B", size, size, 3], "dtype": image_dtype}}
+    for names, shape in rows.items():
+        for n in names:
+            if n in spec.inputs_for_mode(mode):
+                shapes[n] = {"shape": shape,
+                             "dtype": "int64" if names == spec.CLASS_INDEX else "float32"}
+    return shapes
+
+
 def _finish_graph(path: Path) -> Any:
     """onnx checker + onnxslim (constant folding, dead-node and shape-op cleanup), in place."""
     import onnx
@@ -212,14 +228,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                     raise ExportError(f"{name} disagrees with PyTorch ({shown}); the bundle was "
                                       "not written (the previous one, if any, is untouched)")
 
-        dyn = {"batch": "B", "parts": "P", "objects_bg": "O+1", "classes": "K"}
-        d = model.cfg.reduce_dim
-        shapes = {spec.IMAGE: (["B", size, size, 3], image_dtype),
-                  **{n: ([dyn["parts"], d] if n in spec.PART_FILM else
-                         ["O+1", d] if n in spec.OBJECT_FILM else
-                         ["K", d] if n in spec.CLASS_FILM else ["K"],
-                         "int64" if n in spec.CLASS_INDEX else "float32")
-                     for n in spec.inputs_for_mode(mode)[1:]}}
+        shapes = _input_shapes(mode, size, model.cfg.reduce_dim, image_dtype)
         manifest = {
             "format": spec.FORMAT, "format_version": spec.FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -227,7 +236,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
             "vocabulary": vocab.to_dict(), "model_config": model.cfg.to_dict(),
             "checkpoint": {"path": str(ckpt.absolute()), "sha256": file_sha256(ckpt)},
-            "inputs": {n: {"shape": s, "dtype": t} for n, (s, t) in shapes.items()},
+            "inputs": shapes,
             "outputs": {**{n: {"shape": ["B", "K+1" if n == spec.LOGITS else "O+1", size, size],
                                "dtype": "float32"} for n in spec.outputs_for_mode(mode)},
                         **({spec.LABELS: {"shape": ["B", size, size], "dtype": "int32"}}
@@ -235,10 +244,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             "onnx": {"opset": opset, "fp16_kept_fp32_ops": FP16_KEEP_FP32, "parity": parities},
             "precisions": ["fp32"] + (["fp16"] if fp16 else []),
             "producer": _versions(),
-            "files": {},
+            "files": {k: spec.file_entry(stage, v) for k, v in files.items()},
         }
-        from runtime.bundle import file_entry
-        manifest["files"] = {k: file_entry(stage, v) for k, v in files.items()}
         write_manifest(stage, manifest)
     _log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s")
     return manifest

@@ -108,6 +108,9 @@ class TensorRTBackend:
 
     One execution context, guarded by a lock: a Segmenter may be shared between threads.
     Inputs and outputs are numpy arrays (host); Polygraphy copies them to and from the GPU.
+    Not executed on our machines (no TensorRT where there is a GPU; TensorRT-RTX, which CI uses
+    to build every graph, cannot run on Hopper): the checks before deserialization are tested,
+    `__init__`'s last lines and `run` are not.
     """
 
     name = "tensorrt"
