@@ -307,6 +307,9 @@ class Segmenter:
     def _predict(self, images: list[np.ndarray], classes: Sequence[str] | None, bgr: bool,
                  want_scores: bool, object_mask: np.ndarray | None,
                  object_class: str | int | None) -> list[Prediction]:
+        if self.fast_labels and (object_mask is not None or want_scores):
+            raise InputError("a fast_labels Segmenter gives Pred-All label maps only; load one "
+                             "without fast_labels for Oracle-Obj or scores")
         sel = self._select(classes)
         vocab = sel.vocab
         t0 = time.perf_counter()
@@ -319,9 +322,6 @@ class Segmenter:
             batch = batch.astype(self._image_dtype)
         t1 = time.perf_counter()
         if self.fast_labels:
-            if oracle is not None or want_scores:
-                raise InputError("a fast_labels Segmenter gives Pred-All label maps only; load "
-                                 "one without fast_labels for Oracle-Obj or scores")
             maps = self.backend.run({spec.IMAGE: batch, **sel.chunks[0][2]})[spec.LABELS]
         else:
             logits, obj_logits = self._infer(batch, sel)
