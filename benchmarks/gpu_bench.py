@@ -143,7 +143,8 @@ def get_bundle(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
     try:
         m = read_manifest(out)
         if (m.raw.get("model_config", {}).get("name") == want and ckpt.is_file()
-                and m.has("onnx_fp16") and not args.rebuild):
+                and m.has("onnx_fp16") and m.has("onnx_fp16_labels")
+                and not args.rebuild):
             m.file("onnx_fp32"), m.file("onnx_fp16")  # size checks: raise when truncated
             log(f"reusing bundle {out} ({want}); --rebuild to export again")
             return out, ckpt, {"reused": True, "parity": m.raw.get("onnx", {}).get("parity")}
@@ -552,24 +553,31 @@ def table(result: dict[str, Any]) -> str:
 
 
 def targets(result: dict[str, Any]) -> list[str]:
-    """DESIGN section 6 GPU targets against the best exported FP16 path measured (ORT here)."""
+    """DESIGN section 6 GPU targets, each against the better of the two exported FP16 paths
+    (logits graph + numpy post-processing, label-map graph)."""
     lat, agree = result["latency_ms"], result["agreement_vs_torch_fp32"]
-    fp16 = lat.get("ort-fp16", {}).get("predict", {})
     ref = lat.get("torch-fp32", {}).get("model", {})
     out = []
-    if "b1" in fp16:
-        ms = fp16["b1"]["median_ms"]
-        out.append(f"ort-fp16 predict b1 {ms:.3f} ms (<= {TARGET_B1_MS} ms): "
-                   f"{'MET' if ms <= TARGET_B1_MS else 'MISSED'}")
-        if "b1" in ref:
-            x = ref["b1"]["median_ms"] / ms
-            out.append(f"torch-fp32 model b1 / ort-fp16 predict b1 = {x:.2f}x (>= "
-                       f"{TARGET_VS_TORCH}x): {'MET' if x >= TARGET_VS_TORCH else 'MISSED'}")
-    if "b32" in fp16:
-        ips = fp16["b32"]["images_per_s"]
-        out.append(f"ort-fp16 predict b32 {ips:.0f} img/s (>= {TARGET_B32_IMG_S:.0f}): "
-                   f"{'MET' if ips >= TARGET_B32_IMG_S else 'MISSED'}")
-    for route in ("ort-fp16", "torch-fp16"):
+    for b, key in (("b1", "median_ms"), ("b32", "images_per_s")):
+        cands = [(r, lat[r]["predict"][b]) for r in ("ort-fp16", "ort-fp16-lbl")
+                 if b in lat.get(r, {}).get("predict", {})]
+        if not cands:
+            continue
+        pick = min if key == "median_ms" else max
+        route, m = pick(cands, key=lambda c: c[1][key])
+        if b == "b1":
+            ms = m["median_ms"]
+            out.append(f"{route} predict b1 {ms:.3f} ms (<= {TARGET_B1_MS} ms): "
+                       f"{'MET' if ms <= TARGET_B1_MS else 'MISSED'}")
+            if "b1" in ref:
+                x = ref["b1"]["median_ms"] / ms
+                out.append(f"torch-fp32 model b1 / {route} predict b1 = {x:.2f}x (>= "
+                           f"{TARGET_VS_TORCH}x): {'MET' if x >= TARGET_VS_TORCH else 'MISSED'}")
+        else:
+            ips = m["images_per_s"]
+            out.append(f"{route} predict b32 {ips:.0f} img/s (>= {TARGET_B32_IMG_S:.0f}): "
+                       f"{'MET' if ips >= TARGET_B32_IMG_S else 'MISSED'}")
+    for route in ("ort-fp16", "ort-fp16-lbl", "torch-fp16"):
         for b, a in agree.get(route, {}).items():
             out.append(f"{route} agreement {b} {100 * a:.2f}% (>= {100 * FP16_MIN_AGREEMENT}%): "
                        f"{'MET' if a >= FP16_MIN_AGREEMENT else 'MISSED'}")
