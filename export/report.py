@@ -84,7 +84,8 @@ def format_report(rows: list[dict[str, Any]], setting: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['backend']} | skipped: {r['skipped']} |  |  |  |  |  |  |")
+            why = r["skipped"].split(";")[0].split(" (")[0][:70]
+            lines.append(f"| {r['backend']} | not here: {why} |  |  |  |  |  |  |")
             continue
         ref = "pixel_agreement" not in r
         d = "reference" if ref else f"{r['d_miou_seen']:+.2f} / {r['d_miou_unseen']:+.2f}"
