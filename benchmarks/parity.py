@@ -1,10 +1,8 @@
 """Accuracy parity: a `runtime.Segmenter` evaluated with the OV-PARTS protocol (DESIGN section 2).
 
-`evaluate_segmenter` runs a data set through `Segmenter.predict` (Oracle-Obj: one call per
-(image, object) sample with the object's mask and class) or `Segmenter.predict_batch`
-(Pred-All), feeds `partclipseg.evaluation.metrics.PartSegEvaluator` exactly as
-`partclipseg.evaluation.evaluate` does, and keeps every label map, so two backends can be
-compared pixel by pixel (`compare`).
+`evaluate_segmenter` runs the library's `partclipseg.evaluation.evaluate.evaluate_segmenter`
+(the evaluation protocol through the runtime) and keeps every label map with the region where it
+counts, so two backends can be compared pixel by pixel (`compare`).
 """
 
 from __future__ import annotations
@@ -61,44 +59,27 @@ def evaluate_segmenter(seg: Any, dataset: Any, setting: str, batch_size: int = 8
     `partclipseg.evaluation.evaluate.eval_dataset` does); its vocabulary must be the bundle's.
     """
     from partclipseg.data.datasets import IGNORE_INDEX
-    from partclipseg.evaluation.evaluate import SETTINGS
-    from partclipseg.evaluation.metrics import PartSegEvaluator
+    from partclipseg.evaluation.evaluate import evaluate_segmenter as evaluate_deployed
+    from partclipseg.evaluation.evaluate import oracle_object
 
-    if setting not in SETTINGS:
-        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     vocab = dataset.vocabulary
     if (vocab.class_names != seg.vocabulary.class_names
             or tuple(vocab.objects) != tuple(seg.vocabulary.objects)):
         raise ValueError(f"the bundle's vocabulary ({seg.vocabulary.num_classes} classes) is not "
                          f"the data set's ({vocab.num_classes} classes, same order): parity "
                          "needs a bundle exported from a SynthParts checkpoint")
-    ev = PartSegEvaluator(vocab.num_classes, vocab.class_seen, vocab.class_names)
-    labels: list[np.ndarray] = []
-    regions: list[np.ndarray] = []
-    labeled: list[np.ndarray] = []
     t0 = time.perf_counter()
-    for start in range(0, len(dataset), batch_size):
-        samples = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        if setting == "oracle-obj":
-            preds = []
-            for s in samples:
-                present = np.unique(s["object"][s["object"] != IGNORE_INDEX])
-                if len(present) != 1:
-                    raise ValueError(f"sample {s['name']}: Oracle-Obj needs exactly one object "
-                                     f"per sample, found {present.tolist()}")
-                mask = s["object"] == present[0]
-                preds.append(seg.predict(s["image"], object_mask=mask,
-                                         object_class=int(present[0])).labels)
-                regions.append(mask)
-        else:
-            preds = [p.labels for p in seg.predict_batch([s["image"] for s in samples])]
-            regions.extend(np.ones(s["part"].shape, bool) for s in samples)
-        for s, pred in zip(samples, preds):
-            ev.update(pred, s["part"])
-            labels.append(pred)
-            labeled.append(s["part"] != IGNORE_INDEX)
+    result = evaluate_deployed(seg, dataset, setting, progress=False, keep_labels=True,
+                               batch_size=batch_size)
     seconds = time.perf_counter() - t0
-    metrics = {k: v for k, v in ev.compute().items() if k != "per_class"}
+    labels = result.pop("labels")
+    regions, labeled = [], []
+    for i in range(len(dataset)):  # where each prediction counts, for pixel agreement
+        s = dataset[i]
+        regions.append(oracle_object(s)[0] if setting == "oracle-obj"
+                       else np.ones(s["part"].shape, bool))
+        labeled.append(s["part"] != IGNORE_INDEX)
+    metrics = {k: v for k, v in result.items() if k != "per_class"}
     return EvalRun(seg.backend_name, setting, metrics, tuple(labels), tuple(regions),
                    tuple(labeled), seconds)
 

@@ -15,12 +15,15 @@ import argparse
 import hashlib
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from runtime.vocabulary import Vocabulary
 
 __all__ = ["read_class_file", "set_vocabulary", "build_parser", "main"]
 
 
-def read_class_file(path: str | Path) -> "Vocabulary":  # noqa: F821
+def read_class_file(path: str | Path) -> Vocabulary:
     """Parse a class file (see module doc) into a Vocabulary, with line-numbered errors."""
     from runtime.vocabulary import Vocabulary, VocabularyError
 
@@ -55,7 +58,7 @@ def read_class_file(path: str | Path) -> "Vocabulary":  # noqa: F821
     return Vocabulary.from_names(pairs, unseen)
 
 
-def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: "Vocabulary",  # noqa: F821
+def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,
                    allow_other_checkpoint: bool = False) -> dict:
     """Write the text side of `vocab` into `bundle`; returns the new manifest.
 

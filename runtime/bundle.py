@@ -200,11 +200,7 @@ def _sha256(path: Path) -> str:
 def file_entry(root: Path, name: str) -> dict[str, Any]:
     """Manifest record of a bundle file: relative path, size and SHA-256."""
     path = Path(root) / name
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return {"path": name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"path": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:

@@ -38,35 +38,42 @@ def test_manifest_lists_every_file_with_size_and_hash(tiny_bundle):
     assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(f".{tiny_bundle.name}.")]
 
 
-def test_onnx_matches_torch_on_another_vocabulary_and_batch(tiny_bundle, tiny_ckpt, torch):
-    """Class dimensions and batch are dynamic: a vocabulary of other sizes runs unchanged."""
+OTHER_VOCAB = Vocabulary.from_names([("cat", "tail"), ("cat", "ear"), ("red quadruped", "head"),
+                                     ("van", "wheel"), ("van", "door"), ("van", "window")])
+
+
+def _assert_graphs_match_torch(ckpt, graphs, torch):
+    """Each (ONNX path, tolerance) run on OTHER_VOCAB at batch 3 matches the torch DeployModel:
+    output shapes follow the new class counts, relative L2 error below the tolerance."""
     from partclipseg.checkpoint import load_model
     from partclipseg.config import CLIP_MEAN, CLIP_STD
     from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
 
-    model, _, _ = load_model(tiny_ckpt)
-    other = Vocabulary.from_names([("cat", "tail"), ("cat", "ear"), ("red quadruped", "head"),
-                                   ("van", "wheel"), ("van", "door"), ("van", "window")])
+    model, _, _ = load_model(ckpt)
     size = model.cfg.image_size
-    feed = example_inputs(size, vocab_arrays(model, other), batch=3, seed=7)
+    feed = example_inputs(size, vocab_arrays(model, OTHER_VOCAB), batch=3, seed=7)
     with torch.no_grad():
         ref = DeployModel(model, CLIP_MEAN, CLIP_STD)(
             *(torch.from_numpy(feed[n]) for n in spec.inputs_for_mode("partclipseg")))
-    for name, tol in ((spec.ONNX_FP32, 1e-4), (spec.ONNX_FP16, 2e-2)):
-        out = _run(tiny_bundle / name, feed)
-        assert out[0].shape == (3, other.num_classes + 1, size, size)
-        assert out[1].shape == (3, len(other.objects) + 1, size, size)
+    for path, tol in graphs:
+        out = _run(path, feed)
+        assert out[0].shape == (3, OTHER_VOCAB.num_classes + 1, size, size)
+        assert out[1].shape == (3, len(OTHER_VOCAB.objects) + 1, size, size)
         for o, r in zip(out, ref):
             r = r.numpy()
-            assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol, name
+            assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol, path
+
+
+def test_onnx_matches_torch_on_another_vocabulary_and_batch(tiny_bundle, tiny_ckpt, torch):
+    """Class dimensions and batch are dynamic: a vocabulary of other sizes runs unchanged."""
+    _assert_graphs_match_torch(tiny_ckpt, [(tiny_bundle / spec.ONNX_FP32, 1e-4),
+                                           (tiny_bundle / spec.ONNX_FP16, 2e-2)], torch)
 
 
 def test_onnx_mlp_mix_variant_keeps_class_dims_dynamic(tmp_path, torch, vocab):
     """The released code's variants (MLP Mix, adapter output ReLU) export with P/O/K dynamic."""
-    from partclipseg.checkpoint import load_model, save_checkpoint
-    from partclipseg.config import CLIP_MEAN, CLIP_STD
+    from partclipseg.checkpoint import save_checkpoint
     from partclipseg.model import build_model
-    from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
 
     torch.manual_seed(3)
     model = build_model("tiny", mix="mlp", adapter_out_relu=True)
@@ -76,20 +83,7 @@ def test_onnx_mlp_mix_variant_keeps_class_dims_dynamic(tmp_path, torch, vocab):
     ckpt = save_checkpoint(tmp_path / "mlp.pt", model, vocab)
     manifest = export_onnx(ckpt, tmp_path / "b", fp16=False)
     assert manifest["model_config"]["mix"] == "mlp"
-    model, _, _ = load_model(ckpt)
-    other = Vocabulary.from_names([("cat", "tail"), ("cat", "ear"), ("red quadruped", "head"),
-                                   ("van", "wheel"), ("van", "door"), ("van", "window")])
-    size = model.cfg.image_size
-    feed = example_inputs(size, vocab_arrays(model, other), batch=3, seed=7)
-    with torch.no_grad():
-        ref = DeployModel(model, CLIP_MEAN, CLIP_STD)(
-            *(torch.from_numpy(feed[n]) for n in spec.inputs_for_mode("partclipseg")))
-    out = _run(tmp_path / "b" / spec.ONNX_FP32, feed)
-    assert out[0].shape == (3, other.num_classes + 1, size, size)
-    assert out[1].shape == (3, len(other.objects) + 1, size, size)
-    for o, r in zip(out, ref):
-        r = r.numpy()
-        assert np.linalg.norm(o - r) / np.linalg.norm(r) < 1e-4
+    _assert_graphs_match_torch(ckpt, [(tmp_path / "b" / spec.ONNX_FP32, 1e-4)], torch)
 
 
 def test_fp16_graph_keeps_layernorm_in_fp32(tiny_bundle):

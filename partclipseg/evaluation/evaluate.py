@@ -19,7 +19,7 @@ from runtime.vocabulary import Vocabulary
 from ..data.datasets import IGNORE_INDEX, load_dataset
 from .metrics import PartSegEvaluator
 
-__all__ = ["SETTINGS", "evaluate", "evaluate_segmenter", "eval_dataset"]
+__all__ = ["SETTINGS", "evaluate", "evaluate_segmenter", "eval_dataset", "oracle_object"]
 
 SETTINGS = ("oracle-obj", "pred-all")
 
@@ -29,6 +29,15 @@ def eval_dataset(kind: str, root: str, split: str, setting: str) -> Any:
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     return load_dataset(kind, root, split, per_object=(setting == "oracle-obj"))
+
+
+def oracle_object(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """Oracle-Obj's given object of a per-object sample: ((H, W) bool mask, object index)."""
+    present = np.unique(sample["object"][sample["object"] != IGNORE_INDEX])
+    if len(present) != 1:
+        raise ValueError(f"sample {sample['name']}: Oracle-Obj needs exactly one object per "
+                         f"sample, found {present.tolist()}")
+    return sample["object"] == present[0], int(present[0])
 
 
 @torch.no_grad()
@@ -63,12 +72,7 @@ def evaluate(model: torch.nn.Module, dataset: Any, setting: str, vocab: Vocabula
         for j, s in enumerate(samples):
             gt = s["part"]
             if setting == "oracle-obj":
-                present = np.unique(s["object"][s["object"] != IGNORE_INDEX])
-                if len(present) != 1:
-                    raise ValueError(f"sample {s['name']}: Oracle-Obj needs exactly one object "
-                                     f"per sample, found {present.tolist()}")
-                mask = s["object"] == present[0]
-                pred = oracle_obj(logits[j], class_objects, mask, int(present[0]))
+                pred = oracle_obj(logits[j], class_objects, *oracle_object(s))
             else:
                 pred = pred_all(logits[j], class_objects, gt.shape,
                                 None if obj_logits is None else obj_logits[j])
@@ -82,11 +86,13 @@ def evaluate(model: torch.nn.Module, dataset: Any, setting: str, vocab: Vocabula
 
 
 def evaluate_segmenter(seg: Any, dataset: Any, setting: str, limit: int | None = None,
-                       progress: bool = True, keep_labels: bool = False) -> dict[str, Any]:
+                       progress: bool = True, keep_labels: bool = False, batch_size: int = 8
+                       ) -> dict[str, Any]:
     """The same protocol as `evaluate`, through a deployed `runtime.Segmenter` (any backend).
 
-    The bundle's vocabulary must list the dataset's classes in its order. With `keep_labels`,
-    the result also holds "labels": the predicted (H, W) int32 maps, for pixel agreement.
+    The bundle's vocabulary must list the dataset's classes in its order. Pred-All runs
+    `predict_batch` on `batch_size` images; Oracle-Obj one `predict` per (image, object). With
+    `keep_labels`, the result also holds "labels": the predicted (H, W) int32 maps.
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
@@ -96,21 +102,23 @@ def evaluate_segmenter(seg: Any, dataset: Any, setting: str, limit: int | None =
     ev = PartSegEvaluator(vocab.num_classes, vocab.class_seen, vocab.class_names)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     labels = []
-    for i in tqdm(range(n), desc=f"eval {setting} ({seg.backend_name})", disable=not progress,
-                  leave=False):
-        s = dataset[i]
+    bar = tqdm(total=n, desc=f"eval {setting} ({seg.backend_name})", disable=not progress,
+               leave=False)
+    for start in range(0, n, batch_size):
+        samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
         if setting == "oracle-obj":
-            present = np.unique(s["object"][s["object"] != IGNORE_INDEX])
-            if len(present) != 1:
-                raise ValueError(f"sample {s['name']}: Oracle-Obj needs exactly one object per "
-                                 f"sample, found {present.tolist()}")
-            pred = seg.predict(s["image"], object_mask=s["object"] == present[0],
-                               object_class=int(present[0])).labels
+            preds = []
+            for s in samples:
+                mask, obj = oracle_object(s)
+                preds.append(seg.predict(s["image"], object_mask=mask, object_class=obj).labels)
         else:
-            pred = seg.predict(s["image"]).labels
-        ev.update(pred, s["part"])
+            preds = [p.labels for p in seg.predict_batch([s["image"] for s in samples])]
+        for s, pred in zip(samples, preds):
+            ev.update(pred, s["part"])
         if keep_labels:
-            labels.append(pred)
+            labels.extend(preds)
+        bar.update(len(samples))
+    bar.close()
     result = ev.compute()
     result.update(setting=setting, samples=n, backend=seg.backend_name)
     if keep_labels:
