@@ -222,3 +222,16 @@ def test_class_subset_cache_is_bounded(tiny_bundle):
         seg._select(r)
     assert len(seg._selections) == Segmenter.SELECTION_CACHE
     assert seg._select(requests[-1]) is seg._select(requests[-1])
+
+
+def test_io_binding_path_gives_the_plain_run_outputs(tiny_bundle, seg):
+    """The CUDA default (I/O binding, resident vocabulary values) run on the CPU provider."""
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    bound = OnnxRuntimeBackend(str(seg.manifest.file("onnx_fp32")), "cpu", io_binding=True)
+    feed = {spec.IMAGE: resize_image(_image(), seg.input_size)[None], **seg._select(None).chunks[0][2]}
+    plain = seg.backend.run(feed)
+    for _ in range(2):  # the second call reuses the resident vocabulary values
+        got = bound.run(feed)
+        for name, value in plain.items():
+            np.testing.assert_array_equal(got[name], value)

@@ -29,7 +29,8 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
+                 io_binding: bool | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -65,6 +66,9 @@ class OnnxRuntimeBackend:
         self.device = device
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # On CUDA, I/O binding keeps the vocabulary on the GPU and copies each way once; on
+        # the CPU a plain run returns its outputs without the binding's extra copy.
+        self.io_binding = device == "cuda" if io_binding is None else io_binding
         self._ort = ort
         self._resident: dict[int, tuple[np.ndarray, Any]] = {}  # id(array) -> (array, OrtValue)
 
@@ -82,9 +86,12 @@ class OnnxRuntimeBackend:
         return value
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Inputs by name -> outputs by name, through I/O binding: on CUDA the image crosses to
-        the GPU once, vocabulary vectors stay resident, outputs are allocated on the GPU and
-        copied back once (a label-map graph copies only (B, S, S) int32)."""
+        """Inputs by name -> outputs by name. With I/O binding (the CUDA default) the image
+        crosses to the GPU once, vocabulary vectors stay resident, outputs are allocated on the
+        GPU and copied back once (a label-map graph copies only (B, S, S) int32)."""
+        if not self.io_binding:
+            out = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
+            return dict(zip(self.output_names, out))
         io = self.session.io_binding()  # one per call: bindings are not thread-safe
         for n in self.input_names:
             io.bind_ortvalue_input(n, self._value(feed[n]))
