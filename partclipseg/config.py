@@ -76,9 +76,10 @@ class ModelConfig:
             raise ConfigError(f"extract_layers {self.extract_layers} must be increasing block "
                               f"indices below the ViT depth {layers}")
         patch = self.vision_cfg.get("patch_size", 16)
-        if patch != 16:
-            # The mask head upsamples 16x (two stride-4 transposed convs).
-            raise ConfigError(f"patch_size must be 16 (the mask head upsamples 16x), got {patch}")
+        if patch % 4 or patch < 4:
+            # The mask head upsamples by the patch size: stride p/4, then stride 4.
+            raise ConfigError(f"patch_size must be a multiple of 4 (the mask head upsamples "
+                              f"by p/4, then 4), got {patch}")
         if self.image_size % patch:
             raise ConfigError(f"image_size {self.image_size} must be a multiple of {patch}")
         if self.reduce_dim % self.decoder_heads:

@@ -177,6 +177,28 @@ def test_config_errors():
         load_model_config("tiny", mode="maskformer")
     with pytest.raises(ConfigError, match="mix"):
         load_model_config("tiny", mix="transformer")
+    vision = load_model_config("tiny").vision_cfg
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        load_model_config("tiny", vision_cfg={**vision, "patch_size": 6})
+
+
+def test_smaller_patches_keep_the_output_at_input_resolution(vocab):
+    """Patch 8: twice the token grid, and the mask head upsamples 8x instead of 16x."""
+    vision = load_model_config("tiny").vision_cfg
+    m = build_model("tiny", vision_cfg={**vision, "patch_size": 8})
+    x, _, _ = make_batch(torch)
+    out = m(x, vocab, need_attention=True)
+    assert m.cfg.grid_size == 20
+    assert out.logits.shape[-2:] == (160, 160)
+    assert out.attention.shape[-1] == 20 * 20
+
+
+def test_mask_heads_start_at_the_class_prior():
+    """Untrained logits sit near logit(0.01), not 0: each channel starts as a rare class."""
+    m = build_model("tiny")
+    for head in (m.head, m.head2):
+        bias = float(head.up2.bias)
+        assert abs(torch.sigmoid(torch.tensor(bias)) - head.PRIOR) < 1e-6
 
 
 def test_vit_b16_reference_config_shapes():

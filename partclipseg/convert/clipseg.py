@@ -179,8 +179,10 @@ def clipseg_model_config(state: Mapping[str, torch.Tensor], prefix: str,
         if w % int(h):
             raise WeightsError(f"{what} width {w} is not divisible by its {h} heads")
     if patch != 16:
-        raise WeightsError(f"patch size {patch}: our mask head upsamples 16x, so only "
-                           "patch-16 CLIPSeg models (e.g. clipseg-rd64-refined) can be imported")
+        # The heads agree at patch 16 only: HF's upsamples by (p/4)^2, ours by p.
+        raise WeightsError(f"patch size {patch}: only patch-16 CLIPSeg models (e.g. "
+                           "clipseg-rd64-refined) can be imported; for other patch sizes the "
+                           "Hugging Face mask head upsamples by (p/4)^2, ours by p")
     return ModelConfig(
         name=name, mode=mode, clip_name=None, pretrained=None, embed_dim=embed,
         vision_cfg={"image_size": g0 * patch, "layers": v_layers, "width": width,

@@ -99,7 +99,7 @@ class PartCLIPSeg(nn.Module):
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, cfg.decoder_heads, cfg.decoder_mlp_dim, cfg.decoder_act)
             for _ in range(n_taps))
-        self.head = MaskHead(dim)
+        self.head = MaskHead(dim, cfg.vision_cfg.get("patch_size", 16))
         if cfg.mode == "partclipseg":
             # Stage 2. Mix and We start as averages of their two inputs (our choice: stage 2
             # then starts from stage-1 features), FiLM' and H' as copies of FiLM and H.
