@@ -193,14 +193,6 @@ def test_smaller_patches_keep_the_output_at_input_resolution(vocab):
     assert out.attention.shape[-1] == 20 * 20
 
 
-def test_mask_heads_start_at_the_class_prior():
-    """Untrained logits sit near logit(0.01), not 0: each channel starts as a rare class."""
-    m = build_model("tiny")
-    for head in (m.head, m.head2):
-        bias = float(head.up2.bias)
-        assert abs(torch.sigmoid(torch.tensor(bias)) - head.PRIOR) < 1e-6
-
-
 def test_vit_b16_reference_config_shapes():
     cfg = load_model_config("vit_b16")
     assert (cfg.image_size, cfg.grid_size, cfg.vision_width) == (352, 22, 768)

@@ -216,6 +216,7 @@ def test_real_dataset_configs_use_the_paper_recipe(name):
     ({"eval_setting": "oracle"}, "eval_setting"),
     ({"data": {"val_limit": 0}}, "val_limit"),
     ({"stepz": 5}, "unknown keys"),
+    ({"head_prior": 1.0}, "head_prior"),
 ])
 def test_bad_train_configs_are_refused_clearly(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -239,6 +240,27 @@ def test_training_starts_from_an_init_checkpoint(tmp_path, torch):
     model = _initial_model(TrainConfig(model="tiny", init=str(init),
                                        model_overrides={"adapters": False}))
     assert model.adapters is None
+
+
+@pytest.mark.parametrize("mode", ["partclipseg", "clipseg"])
+def test_head_prior_starts_every_mask_head_at_the_class_prior(torch, mode):
+    """head_prior p: every mask head's output bias is logit(p); nothing else changes."""
+    from partclipseg.model import build_model
+    from partclipseg.training.config import TrainConfig
+    from partclipseg.training.trainer import _initial_model
+
+    cfg = TrainConfig(model="tiny", model_overrides={"mode": mode}, head_prior=0.01)
+    torch.manual_seed(0)
+    model = _initial_model(cfg)
+    torch.manual_seed(0)
+    plain = build_model("tiny", mode=mode)
+    heads = [n for n, _ in model.named_parameters() if n.endswith("up2.bias")]
+    assert len(heads) == (2 if mode == "partclipseg" else 1)
+    for (n, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        if n in heads:
+            assert torch.sigmoid(a).item() == pytest.approx(0.01, rel=1e-5)
+        else:
+            assert torch.equal(a, b), n
 
 
 def test_image_tower_trains_at_its_own_learning_rate(torch):

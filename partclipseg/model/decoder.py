@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,21 +100,13 @@ class MaskHead(nn.Module):
 
     Conv3x3 D->D, ReLU, ConvT D->D/2 (k p/4, s p/4), ReLU, ConvT D/2->1 (k4, s4): for p = 16 the
     CLIPSeg "rd64-refined" head; smaller patches (tiny CPU models) shrink the first upsampling.
-
-    The output bias starts at logit(0.01) (RetinaNet's prior init): every class channel is
-    positive on a few percent of pixels at most, and from a bias of 0 (p = 0.5) a random-init
-    model spends its first few hundred steps only pushing all channels down (on the demo:
-    Oracle-Obj seen mIoU 5.0 instead of 0.8 after 300 steps).
     """
-
-    PRIOR = 0.01
 
     def __init__(self, dim: int, patch: int = 16):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
         self.up1 = nn.ConvTranspose2d(dim, dim // 2, patch // 4, stride=patch // 4)
         self.up2 = nn.ConvTranspose2d(dim // 2, 1, 4, stride=4)
-        nn.init.constant_(self.up2.bias, math.log(self.PRIOR / (1 - self.PRIOR)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv(x))

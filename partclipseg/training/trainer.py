@@ -268,7 +268,14 @@ def _global_count(world: int) -> Any:
 def _initial_model(cfg: TrainConfig) -> torch.nn.Module:
     """`cfg.model` at random init (or its pretrained towers), or the weights of `cfg.init`."""
     if not cfg.init:
-        return build_model(cfg.model, **dict(cfg.model_overrides))
+        model = build_model(cfg.model, **dict(cfg.model_overrides))
+        if cfg.head_prior is not None:
+            bias = math.log(cfg.head_prior / (1 - cfg.head_prior))
+            with torch.no_grad():
+                for head in (model.head, getattr(model, "head2", None)):
+                    if head is not None:
+                        head.up2.bias.fill_(bias)
+        return model
     from ..config import ModelConfig
 
     record = load_checkpoint(cfg.init)
