@@ -277,3 +277,17 @@ def test_image_tower_trains_at_its_own_learning_rate(torch):
         assert len(in_vit) == 1  # no group mixes tower and decoder
         assert g.get("lr", 1e-3) == (1e-4 if in_vit == {True} else 1e-3)
     assert sum(len(g["params"]) for g in groups) == len(model.trainable_parameters())
+
+
+def test_recipe_sweep_variants_are_valid_configs(tmp_path):
+    """Every variant of `benchmarks.recipe_sweep` resolves to a training and a model config."""
+    from benchmarks.recipe_sweep import VARIANTS, _config
+    from partclipseg.config import load_model_config
+
+    for name, overrides in VARIANTS.items():
+        cfg = _config("synthparts_tiny", tmp_path, overrides, "cpu")
+        model = load_model_config(cfg.model, **dict(cfg.model_overrides))
+        assert cfg.data.root == str(tmp_path) and cfg.data.val_limit is None, name
+        if any("patch_size" in o for o in overrides):
+            assert model.grid_size == 20, name
+    assert _config("synthparts_tiny", tmp_path, ["steps=3200"], "cpu", steps=8).steps == 8
