@@ -55,17 +55,7 @@ def _config(args: argparse.Namespace, variant: str, seed: int) -> Any:
         changes["lr"] = args.lr
     if args.device != "cpu":
         changes["amp"] = False  # same numerics as the CPU demo
-    for item in args.set or []:  # --set loss.background_weight=1.0 model_overrides.adapters=false
-        key, _, raw = item.partition("=")
-        val = yaml.safe_load(raw)
-        head, _, leaf = key.partition(".")
-        if leaf:
-            sub = getattr(cfg, head) if head not in changes else changes[head]
-            changes[head] = ({**sub, leaf: val} if isinstance(sub, dict)
-                             else dataclasses.replace(sub, **{leaf: val}))
-        else:
-            changes[head] = val
-    cfg = cfg.replace(**changes)
+    cfg = apply_overrides(cfg.replace(**changes), args.set or [])
     changes = {}
     if "mode" in v:
         changes["model_overrides"] = {**cfg.model_overrides, "mode": v["mode"]}
@@ -73,6 +63,21 @@ def _config(args: argparse.Namespace, variant: str, seed: int) -> Any:
         changes["loss"] = dataclasses.replace(cfg.loss, sep=v.get("sep", cfg.loss.sep),
                                               enh=v.get("enh", cfg.loss.enh))
     return cfg.replace(**changes)
+
+
+def apply_overrides(cfg: Any, items: list[str]) -> Any:
+    """TrainConfig with `KEY=VALUE` overrides applied in order (YAML values, one dot for
+    sub-keys): ["loss.background_weight=1.0", "model_overrides.adapters=false", "steps=400"]."""
+    for item in items:
+        key, _, raw = item.partition("=")
+        val = yaml.safe_load(raw)
+        head, _, leaf = key.partition(".")
+        if leaf:
+            sub = getattr(cfg, head)
+            val = ({**sub, leaf: val} if isinstance(sub, dict)
+                   else dataclasses.replace(sub, **{leaf: val}))
+        cfg = cfg.replace(**{head: val})
+    return cfg
 
 
 def run_one(job: tuple[argparse.Namespace, str, int]) -> dict[str, Any]:

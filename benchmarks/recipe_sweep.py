@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .experiment_method import apply_overrides
 
 TINY_VISION = {"image_size": 224, "layers": 6, "width": 128, "head_width": 32, "patch_size": 16}
 P8 = json.dumps({**TINY_VISION, "patch_size": 8})
@@ -59,16 +58,7 @@ def _config(base: str, data: Path, overrides: list[str], device: str,
     cfg = load_train_config(base)
     cfg = cfg.replace(data=dataclasses.replace(cfg.data, root=str(data), val_limit=None),
                       num_workers=0, amp=False if device != "cpu" else cfg.amp)
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        val = yaml.safe_load(raw)
-        head, _, leaf = key.partition(".")
-        if leaf:
-            sub = getattr(cfg, head)
-            cfg = cfg.replace(**{head: {**sub, leaf: val} if isinstance(sub, dict)
-                                 else dataclasses.replace(sub, **{leaf: val})})
-        else:
-            cfg = cfg.replace(**{head: val})
+    cfg = apply_overrides(cfg, overrides)
     if steps:
         cfg = cfg.replace(steps=steps)
     return cfg.replace(eval_every=max(1, cfg.steps // 4))
