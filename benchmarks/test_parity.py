@@ -53,6 +53,12 @@ def evaluations(open_segmenter: Any, val_split: dict[str, Any]) -> Any:
     return get
 
 
+def _scores(route: Route, setting: str, m: dict[str, Any]) -> str:
+    """One report line's head: route, setting, seen / unseen / h mIoU."""
+    return (f"{route.id:<18} {setting:<10} seen {m['miou_seen']:6.2f}  unseen "
+            f"{m['miou_unseen']:6.2f}  h {m['h_iou']:6.2f}")
+
+
 def test_reference_is_sane(evaluations: Any, bench_bundle: BenchBundle,
                            bench_report: BenchReport) -> None:
     """The torch FP32 reference evaluates to finite metrics on every sample."""
@@ -60,8 +66,7 @@ def test_reference_is_sane(evaluations: Any, bench_bundle: BenchBundle,
         ref = evaluations(REFERENCE, setting)
         m = ref.metrics
         bench_report.parity.append(
-            f"{REFERENCE.id:<18} {setting:<10} seen {m['miou_seen']:6.2f}  unseen "
-            f"{m['miou_unseen']:6.2f}  h {m['h_iou']:6.2f}  ({len(ref.labels)} samples, "
+            f"{_scores(REFERENCE, setting, m)}  ({len(ref.labels)} samples, "
             f"{ref.seconds:.1f} s; model: {bench_bundle.source})")
         assert m["num_images"] == len(ref.labels) > 0
         assert 0.0 <= m["miou_all"] <= 100.0, m
@@ -76,8 +81,7 @@ def test_parity(route: Route, setting: str, evaluations: Any, bench_report: Benc
     c = compare(ours, ref)
     m = ours.metrics
     bench_report.parity.append(
-        f"{route.id:<18} {setting:<10} seen {m['miou_seen']:6.2f}  unseen {m['miou_unseen']:6.2f}"
-        f"  h {m['h_iou']:6.2f}  max|d| {c.max_abs_delta():.3f} pt  agreement "
+        f"{_scores(route, setting, m)}  max|d| {c.max_abs_delta():.3f} pt  agreement "
         f"{100 * c.agreement:.3f}% (labeled px {100 * c.agreement_labeled:.3f}%)")
     record_property("delta_pt", c.delta)
     record_property("agreement", c.agreement)
