@@ -206,19 +206,20 @@ def staged_forward(deploy: Any, image: Any, vocab: Sequence[Any],
     mark("start")
     x = (image.to(dtype) * deploy.scale + deploy.shift).permute(0, 3, 1, 2)
     mark("normalize")
-    taps = m.image_features(x)
+    image_feats = m.image_features(x)
     mark("vit")
     part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
     p = part_mul.shape[0]
     cond = Conditioning(torch_cat(part_mul, obj_mul), torch_cat(part_add, obj_add), 0, 0)
-    feats, _ = m.decode_stage1(taps, cond)
+    feats, _ = m.decode_stage1(image_feats, cond)
     mark("stage1_decoder")
     part_feats, object_feats = feats[:, :p], feats[:, p:]
     class_feats = m.stage2_from(part_feats, object_feats, class_part, class_object, cls_mul,
                                 cls_add)
     mark("stage2_mix_film")
-    object_logits = m._head(m.head, object_feats)
-    logits = torch_cat(m._head(m.head2, class_feats), object_logits[:, -1:], dim=1)
+    object_logits = m.mask_logits(m.head, object_feats, image_feats)
+    logits = torch_cat(m.mask_logits(m.head2, class_feats, image_feats), object_logits[:, -1:],
+                       dim=1)
     mark("heads")
     return logits, object_logits
 

@@ -59,6 +59,11 @@ class ModelConfig:
     # Stage-2 part/object mixing layer Mix([F_p ; F_o]): "linear" (the paper's per-pixel Linear
     # 2D -> D) | "mlp" (Linear 2D -> D, ReLU, Linear D -> D: the authors' released code).
     mix: str = "linear"
+    # Width of a small convolutional encoder beside the ViT (`decoder.ConvBranch`): its stride-4
+    # features enter both mask heads, its grid features the decoder's input tokens. 0 = off (the
+    # paper, on pretrained CLIP); on for random-init SynthParts models, whose frozen random ViT
+    # tokens carry little part information.
+    conv_branch: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
@@ -82,6 +87,8 @@ class ModelConfig:
                               f"by p/4, then 4), got {patch}")
         if self.image_size % patch:
             raise ConfigError(f"image_size {self.image_size} must be a multiple of {patch}")
+        if not isinstance(self.conv_branch, int) or self.conv_branch < 0:
+            raise ConfigError(f"conv_branch must be an integer >= 0, got {self.conv_branch!r}")
         if self.reduce_dim % self.decoder_heads:
             raise ConfigError("reduce_dim must be divisible by decoder_heads")
 

@@ -9,7 +9,7 @@ F = torch.nn.functional
 
 from runtime.vocabulary import Vocabulary  # noqa: E402
 from partclipseg.training.losses import (IGNORE, attention_losses, build_targets,  # noqa: E402
-                                         weighted_bce)
+                                         stage2_classes, weighted_bce)
 
 
 def test_weighted_bce_matches_one_hot_reference():
@@ -109,3 +109,81 @@ def test_weighted_bce_hand_written_backward_matches_autograd():
     (g_ref,) = torch.autograd.grad(ref, x)
     (g_ours,) = torch.autograd.grad(weighted_bce(x, target, 0.05), x)
     torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_stage2_classes_are_the_present_objects_classes_plus_negatives():
+    vocab = Vocabulary.from_names([("a", "x"), ("a", "y"), ("b", "x"), ("c", "x"), ("c", "z")])
+    class_t = torch.full((2, 4, 4), IGNORE)
+    class_t[0, 0, 0] = 1  # a part of object "a": both of a's classes run
+    class_t[1, 1, 1] = vocab.num_classes  # background
+    assert stage2_classes(class_t, vocab).tolist() == [0, 1]
+    g = torch.Generator().manual_seed(0)
+    picked = stage2_classes(class_t, vocab, negatives=2, generator=g).tolist()
+    assert len(picked) == 4 and {0, 1} <= set(picked) and picked == sorted(picked)
+    assert stage2_classes(class_t, vocab, negatives=10).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_sampled_class_loss_equals_dense_loss_restricted_to_those_classes():
+    """The os term on stage 2 run for a class subset equals the dense loss over the same
+    channels (subset classes + background), the targets remapped to them."""
+    from partclipseg.model.partclipseg import SegOutput
+    from partclipseg.training.losses import PartCLIPSegLoss
+
+    vocab = Vocabulary.from_names([("a", "x"), ("a", "y"), ("b", "x"), ("c", "x"), ("c", "z")])
+    g = torch.Generator().manual_seed(0)
+    k = vocab.num_classes
+    dense = torch.randn(2, k + 1, 8, 8, generator=g)
+    class_t = torch.full((2, 8, 8), k)
+    class_t[:, :4, :4] = torch.randint(0, 2, (2, 4, 4), generator=g)  # object a's classes
+    class_t[0, 6:, 6:] = 4  # (c, z)
+    class_t[1, 7, :] = IGNORE
+    classes = stage2_classes(class_t, vocab)
+    assert classes.tolist() == [0, 1, 3, 4]
+    channels = torch.cat([classes, torch.tensor([k])])
+    out = SegOutput(logits=dense[:, channels])
+    total, terms = PartCLIPSegLoss()(out, vocab, class_t, class_t, classes)
+    remapped = torch.where(class_t == k, len(classes), class_t)
+    for new, old in enumerate(classes.tolist()):
+        remapped = torch.where(class_t == old, new, remapped)
+    ref = weighted_bce(dense[:, channels], remapped, 0.05)
+    torch.testing.assert_close(total, ref)
+    assert terms == {"os": float(ref)}
+    with pytest.raises(ValueError, match="miss a labelled class"):
+        PartCLIPSegLoss()(SegOutput(logits=dense[:, [0, k]]), vocab, class_t, class_t,
+                          torch.tensor([0]))
+
+
+def test_softmax_loss_ranks_classes_within_their_object():
+    """loss.kind = "softmax": at an object's pixel only that object's classes and background
+    compete (Oracle-Obj's ranking); at background pixels every class does. Checked against a
+    per-pixel reference."""
+    from partclipseg.model.partclipseg import SegOutput
+    from partclipseg.training.losses import LossConfig, PartCLIPSegLoss, softmax_ce
+
+    vocab = Vocabulary.from_names([("a", "x"), ("a", "y"), ("b", "x"), ("b", "z")])
+    k, o = vocab.num_classes, len(vocab.objects)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, k + 1, 4, 4, generator=g)
+    class_t = torch.tensor([[[0, 1, 4, IGNORE]] * 2 + [[2, 3, 4, 4]] * 2])
+    obj_t = torch.tensor([[[0, 0, o, -1]] * 2 + [[1, 1, o, o]] * 2])
+    owner = torch.tensor(vocab.class_objects)
+    total, n = 0.0, 0
+    for y in range(4):
+        for x in range(4):
+            t = int(class_t[0, y, x])
+            if t < 0:
+                continue
+            ob = int(obj_t[0, y, x])
+            keep = [c for c in range(k) if ob == o or int(owner[c]) == ob] + [k]
+            row = logits[0, keep, y, x]
+            w = 0.5 if t == k else 1.0
+            total += w * float(-torch.log_softmax(row, 0)[keep.index(t)])
+            n += 1
+    _, terms = PartCLIPSegLoss(LossConfig(kind="softmax", background_weight=0.5))(
+        SegOutput(logits=logits), vocab, class_t, obj_t)
+    assert terms["os"] == pytest.approx(total / n, rel=1e-5)
+    # Without a mask it is plain weighted cross-entropy.
+    ref = F.cross_entropy(logits, class_t.clamp(min=0), reduction="none")[class_t >= 0].mean()
+    torch.testing.assert_close(softmax_ce(logits, class_t, 1.0), ref)
+    with pytest.raises(ValueError, match="loss.kind"):
+        LossConfig(kind="focal")

@@ -206,3 +206,53 @@ def test_vit_b16_builds_and_runs(vocab):
     with torch.no_grad():
         out = m(torch.randn(1, 3, 352, 352), vocab)
     assert out.logits.shape == (1, vocab.num_classes + 1, 352, 352)
+
+
+def test_conv_branch_shapes_gradients_and_off_switch(vocab):
+    """conv_branch > 0 adds a convolutional encoder feeding both heads (stride 4) and the
+    decoder's tokens (grid); 0 keeps the paper's model, without its parameters."""
+    torch.manual_seed(0)
+    m = build_model("tiny", conv_branch=8)
+    x, part, obj = make_batch(torch)
+    image = m.image_features(x)
+    d = m.cfg.reduce_dim
+    assert image.high_res.shape == (2, d // 2, 40, 40)
+    assert image.grid.shape == (2, m.cfg.grid_size ** 2, d)
+    out = m(x, vocab, need_attention=True)
+    assert out.logits.shape == (2, vocab.num_classes + 1, 160, 160)
+    loss, _ = PartCLIPSegLoss()(out, vocab, *build_targets(part, obj, vocab.num_classes,
+                                                         len(vocab.objects)))
+    loss.backward()
+    branch = dict(m.conv_branch.named_parameters())
+    no_grad = [n for n, p in branch.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert branch and no_grad == []
+    assert m.head.gate.weight.grad.abs().sum() > 0 and m.head2.gate.weight.grad.abs().sum() > 0
+    # Both outputs reach the logits: zeroing either changes them.
+    for layer in (m.conv_branch.out4, m.conv_branch.out_grid):
+        with torch.no_grad():
+            saved = [p.clone() for p in layer.parameters()]
+            for p in layer.parameters():
+                p.zero_()
+            changed = m(x, vocab).logits
+            for p, s in zip(layer.parameters(), saved):
+                p.copy_(s)
+        assert not torch.allclose(changed, out.logits.detach())
+    plain = build_model("tiny")
+    assert plain.conv_branch is None and plain.head.gate is None
+    assert plain.image_features(x).high_res is None
+    assert not any(k.startswith("conv_branch.") or ".gate." in k for k in plain.state_dict())
+
+
+def test_stage2_class_selection_equals_the_full_forward(models, vocab):
+    """forward(classes=...) runs stage 2 for those classes only: the same logits as the full
+    forward's rows, in that order, background last."""
+    m = models["partclipseg"]
+    x, _, _ = make_batch(torch)
+    classes = torch.tensor([5, 0, 2])
+    with torch.no_grad():
+        full = m(x, vocab)
+        sub = m(x, vocab, classes=classes)
+    assert sub.logits.shape == (2, 4, 160, 160)
+    torch.testing.assert_close(sub.logits[:, :3], full.logits[:, classes], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sub.logits[:, -1], full.logits[:, -1])
+    torch.testing.assert_close(sub.object_logits, full.object_logits)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Adapter", "FiLM", "DecoderBlock", "MaskHead"]
+__all__ = ["Adapter", "FiLM", "DecoderBlock", "MaskHead", "ConvBranch"]
 
 
 class Adapter(nn.Module):
@@ -100,15 +100,128 @@ class MaskHead(nn.Module):
 
     Conv3x3 D->D, ReLU, ConvT D->D/2 (k p/4, s p/4), ReLU, ConvT D/2->1 (k4, s4): for p = 16 the
     CLIPSeg "rd64-refined" head; smaller patches (tiny CPU models) shrink the first upsampling.
+
+    With `high_res` (the image's stride-4 features from `HighResStem`, (B, D/2, S/4, S/4),
+    shared by the C conditions of each image: N = B * C), they are added to the first
+    upsampling's output before its ReLU, as SAM 2's mask decoder adds its image encoder's
+    stride-4 features: the token grid says which part, the stride-4 features say where its
+    edges are. Each condition weighs those channels by a gate computed from its own mean
+    feature (`gate`, starting at 1 everywhere), so a condition picks the textures it is made
+    of, like SAM's per-mask hypernetwork weights.
     """
 
-    def __init__(self, dim: int, patch: int = 16):
+    def __init__(self, dim: int, patch: int = 16, high_res: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
         self.up1 = nn.ConvTranspose2d(dim, dim // 2, patch // 4, stride=patch // 4)
         self.up2 = nn.ConvTranspose2d(dim // 2, 1, 4, stride=4)
+        self.gate = nn.Linear(dim, dim // 2) if high_res else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.ones_(self.gate.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv(x))
-        x = F.relu(self.up1(x))
-        return self.up2(x).squeeze(1)
+    def forward(self, x: torch.Tensor, high_res: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, D, g, g); high_res (B, D/2, 4g', 4g') with N = B * C, or None."""
+        if (high_res is None) != (self.gate is None):
+            raise ValueError("high_res features must be given exactly when the head has a gate")
+        up = self.up1(F.relu(self.conv(x)))
+        if high_res is not None:
+            b = high_res.shape[0]
+            gate = self.gate(x.mean((2, 3)))[..., None, None]  # (N, D/2, 1, 1)
+            up = (up + (gate * high_res.repeat_interleave(up.shape[0] // b, 0)))
+        return _upsample_1(F.relu(up), self.up2)
+
+
+def _upsample_1(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
+    """`up(x).squeeze(1)` for a one-channel ConvTranspose2d whose kernel equals its stride:
+    (N, C, h, w) -> (N, k h, k w).
+
+    Kernel = stride means no overlap: each k x k output block is a linear map of one input
+    vector, so the layer is a (C, k*k) matrix product followed by a pixel shuffle. Same
+    numbers; on the CPU its forward + backward is ~3x faster than the ConvTranspose2d kernel,
+    and the last upsampling is the largest tensor of a training step (B x classes x S x S).
+    """
+    k = up.stride[0]
+    w = up.weight.reshape(x.shape[1], k * k)
+    y = torch.einsum("nchw,cq->nqhw", x, w) + up.bias
+    return F.pixel_shuffle(y, k).squeeze(1)
+
+
+class ConvBranch(nn.Module):
+    """A small convolutional encoder beside the ViT, for random-init towers.
+
+    (B, 3, S, S) normalized images -> (stride-4 features (B, D/2, S/4, S/4) for the mask heads,
+    grid features (B, g*g, D) added to the decoder's deepest input tokens), g = S / patch.
+
+    Four stride-2 stages (widths w, w, 2w, 2w; two 3x3 convolutions from stride 4 on) with a
+    top-down path (FPN): the grid output sees ~100 pixels, the stride-4 output adds the coarse
+    context to its own edges and textures. A random-init ViT at patch 16 sees a 160-pixel image
+    as 10 x 10 frozen random tokens, coarser than the legs, eyes and wheels it must outline, and
+    with little part information in them; this branch learns both from pixels
+    (`ModelConfig.conv_branch`; 0 = off, the paper's CLIP-initialized model).
+    """
+
+    def __init__(self, width: int, dim: int, patch: int = 16):
+        super().__init__()
+        w = width
+
+        def stage(cin: int, cout: int, n: int) -> nn.Sequential:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
+            for _ in range(n - 1):
+                layers += [nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU()]
+            return nn.Sequential(*layers)
+
+        self.s2, self.s4 = stage(3, w, 1), stage(w, w, 2)
+        self.s8, self.s16 = stage(w, 2 * w, 2), stage(2 * w, 2 * w, 2)
+        self.lateral8 = nn.Conv2d(2 * w, w, 1)
+        self.top16 = nn.Conv2d(2 * w, w, 1)
+        self.out4 = nn.Conv2d(w, dim // 2, 1)
+        self.out_grid = nn.Linear(2 * w, dim)
+        self.patch = patch
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f4 = self.s4(self.s2(images))
+        f8 = self.s8(f4)
+        f16 = self.s16(f8)
+        up8 = self.lateral8(f8) + F.interpolate(self.top16(f16), scale_factor=2.0)
+        high_res = self.out4(F.relu(f4 + F.interpolate(up8, scale_factor=2.0)))
+        # The ViT grid is S / patch: pool stride-16 features to it (identity at patch 16).
+        g = images.shape[-1] // self.patch
+        grid = F.adaptive_avg_pool2d(f16, g) if f16.shape[-1] != g else f16
+        return high_res, self.out_grid(grid.flatten(2).transpose(1, 2))
+
+
+def _upsample_1(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
+    """`up(x).squeeze(1)` for a one-channel ConvTranspose2d whose kernel equals its stride:
+    (N, C, h, w) -> (N, k h, k w).
+
+    Kernel = stride means no overlap: each k x k output block is a linear map of one input
+    vector, so the layer is a (C, k*k) matrix product followed by a pixel shuffle. Same
+    numbers; on the CPU its forward + backward is ~3x faster than the ConvTranspose2d kernel,
+    and the last upsampling is the largest tensor of a training step (B x classes x S x S).
+    """
+    k = up.stride[0]
+    w = up.weight.reshape(x.shape[1], k * k)
+    y = torch.einsum("nchw,cq->nqhw", x, w) + up.bias
+    return F.pixel_shuffle(y, k).squeeze(1)
+
+
+class HighResStem(nn.Module):
+    """Image -> stride-4 features for the mask heads: (B, 3, S, S) -> (B, out, S/4, S/4).
+
+    Conv3x3 s2, ReLU, Conv3x3 s2, ReLU, Conv3x3, ReLU, Conv1x1 (receptive field 15 pixels). A
+    random-init ViT at patch 16 sees a 160-pixel image as 10 x 10 tokens, coarser than the
+    legs, eyes and wheels it must outline; these few convolutions see textures and edges at
+    stride 4 (`ModelConfig.high_res_width`; 0 = off, as in the paper's CLIP-initialized model).
+    """
+
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, out, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)

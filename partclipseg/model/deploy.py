@@ -49,22 +49,23 @@ class DeployModel(nn.Module):
         # Cast before the transpose: TensorRT transposes no uint8 tensors.
         # (In the model's precision: a .half() DeployModel normalizes in FP16.)
         x = (image.to(self.scale.dtype) * self.scale + self.shift).permute(0, 3, 1, 2)
-        taps = m.image_features(x)
+        image_feats = m.image_features(x)
         if self.mode == "clipseg":
             mul, add = vocab
             cond = _conditioning(mul, add)
-            feats, _ = m.decode_stage1(taps, cond)
-            logits = m._head(m.head, feats)
+            feats, _ = m.decode_stage1(image_feats, cond)
+            logits = m.mask_logits(m.head, feats, image_feats)
             return (_labels(logits),) if self.labels else (logits,)
         part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
         p = part_mul.shape[0]
         cond = _conditioning(torch.cat([part_mul, obj_mul]), torch.cat([part_add, obj_add]))
-        feats, _ = m.decode_stage1(taps, cond)
+        feats, _ = m.decode_stage1(image_feats, cond)
         part_feats, object_feats = feats[:, :p], feats[:, p:]  # objects + background
-        object_logits = m._head(m.head, object_feats)  # part logits are not deployed
+        object_logits = m.mask_logits(m.head, object_feats, image_feats)  # parts: not deployed
         class_feats = m.stage2_from(part_feats, object_feats, class_part, class_object,
                                     cls_mul, cls_add)
-        logits = torch.cat([m._head(m.head2, class_feats), object_logits[:, -1:]], 1)
+        logits = torch.cat([m.mask_logits(m.head2, class_feats, image_feats),
+                            object_logits[:, -1:]], 1)
         if self.labels:
             return (_labels(logits, object_logits, class_object),)
         return logits, object_logits

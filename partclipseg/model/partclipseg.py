@@ -5,10 +5,12 @@ Read top to bottom:
      FiLM vectors for stage 1, and for every object-specific class k = (o, p) the stage-2 vector
      e_k = We [e_o ; e_p] -> FiLM' vectors. Depends on the vocabulary only: deployment
      precomputes it (the `Conditioning`).
-  2. image side (`forward_image`): CLIP ViT taps after blocks 3/6/9 -> adapters -> CLIPSeg
-     decoder run once per stage-1 condition, all conditions as one batch -> head H gives a
-     logit map per generalized part, per object and for background.
-  3. stage 2: for each class k, G_k = Mix([F_p ; F_o]) -> FiLM'_{e_k} -> head H' -> logit T_k.
+  2. image side (`forward_image`): CLIP ViT taps after blocks 3/6/9 -> adapters
+     (`image_features`) -> CLIPSeg decoder run once per stage-1 condition, all conditions as
+     one batch (`decode_stage1`) -> head H gives a logit map per generalized part, per object
+     and for background (`mask_logits`).
+  3. stage 2 (`stage2_from`): for each class k, G_k = Mix([F_p ; F_o]) -> FiLM'_{e_k} -> head
+     H' -> logit T_k.
      Mix is the paper's per-pixel Linear 2D -> D (`mix: "linear"`) or the released code's MLP
      Linear 2D -> D, ReLU, Linear D -> D (`mix: "mlp"`).
 
@@ -27,9 +29,9 @@ from runtime.vocabulary import Vocabulary
 
 from ..config import ModelConfig
 from .backbone import TappedViT, TextEncoder, build_clip, tokenize, with_pretrained_activation
-from .decoder import Adapter, DecoderBlock, FiLM, MaskHead
+from .decoder import Adapter, ConvBranch, DecoderBlock, FiLM, MaskHead
 
-__all__ = ["PartCLIPSeg", "Conditioning", "SegOutput"]
+__all__ = ["PartCLIPSeg", "Conditioning", "SegOutput", "ImageFeatures"]
 
 
 @dataclass
@@ -59,6 +61,21 @@ class Conditioning:
         return Conditioning(move(self.film1_mul), move(self.film1_add), self.num_parts,
                             self.num_objects, move(self.film2_mul), move(self.film2_add),
                             move(self.class_part), move(self.class_object))
+
+
+@dataclass
+class ImageFeatures:
+    """The vocabulary-independent image side.
+
+    taps: adapted ViT activations, deep to shallow, each (B, 1 + g*g, W).
+    high_res: (B, D/2, S/4, S/4) stride-4 features for the mask heads, or None.
+    grid: (B, g*g, D) features added to the decoder's first input tokens, or None.
+    (Both from the convolutional branch, `ModelConfig.conv_branch`; None when it is off.)
+    """
+
+    taps: list[torch.Tensor]
+    high_res: torch.Tensor | None = None
+    grid: torch.Tensor | None = None
 
 
 @dataclass
@@ -99,7 +116,9 @@ class PartCLIPSeg(nn.Module):
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, cfg.decoder_heads, cfg.decoder_mlp_dim, cfg.decoder_act)
             for _ in range(n_taps))
-        self.head = MaskHead(dim, cfg.vision_cfg.get("patch_size", 16))
+        patch = cfg.vision_cfg.get("patch_size", 16)
+        self.head = MaskHead(dim, patch, bool(cfg.conv_branch))
+        self.conv_branch = ConvBranch(cfg.conv_branch, dim, patch) if cfg.conv_branch else None
         if cfg.mode == "partclipseg":
             # Stage 2. Mix and We start as averages of their two inputs (our choice: stage 2
             # then starts from stage-1 features), FiLM' and H' as copies of FiLM and H.
@@ -166,23 +185,29 @@ class PartCLIPSeg(nn.Module):
         return Conditioning(mul1, add1, n_parts, n_objects, mul2, add2, class_part, class_object)
 
     # -- 2. image side -------------------------------------------------------------------------
-    def image_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, S, S) normalized -> adapted taps, deep to shallow, each (B, 1 + g*g, W)."""
+    def image_features(self, images: torch.Tensor) -> ImageFeatures:
+        """(B, 3, S, S) normalized -> adapted taps (deep to shallow) and stride-4 features."""
         # The tower is frozen: skip its autograd graph (a large saving in training).
         with torch.set_grad_enabled(torch.is_grad_enabled() and
                                     any(p.requires_grad for p in self.vit.parameters())):
             taps = self.vit(images)
         if self.adapters is not None:
             taps = [adapter(a) for adapter, a in zip(self.adapters, taps)]
-        return taps[::-1]
+        if self.conv_branch is None:
+            return ImageFeatures(taps[::-1])
+        return ImageFeatures(taps[::-1], *self.conv_branch(images))
 
-    def decode_stage1(self, taps: list[torch.Tensor], cond: Conditioning,
+    def decode_stage1(self, image: ImageFeatures, cond: Conditioning,
                       need_attention: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Taps (deep first) -> features (B, C, g, g, D) per condition and last-block attention."""
+        """Image features -> features (B, C, g, g, D) per condition and last-block attention."""
+        taps = image.taps
         b, t, _ = taps[0].shape
         c = cond.film1_mul.shape[0]
-        x = FiLM.apply(self.reduces[0](taps[0]).unsqueeze(1), cond.film1_mul, cond.film1_add)
+        x = self.reduces[0](taps[0])
+        if image.grid is not None:  # the CLS token gets no grid feature
+            x = torch.cat([x[:, :1], x[:, 1:] + image.grid], 1)
+        x = FiLM.apply(x.unsqueeze(1), cond.film1_mul, cond.film1_add)
         x = x.reshape(b * c, t, -1)
         attention = None
         for i, block in enumerate(self.blocks):
@@ -195,19 +220,14 @@ class PartCLIPSeg(nn.Module):
             attention = attention[:, 1:, 1:].reshape(b, c, g * g, g * g)
         return feats, attention
 
-    def _head(self, head: MaskHead, feats: torch.Tensor) -> torch.Tensor:
-        """(B, C, g, g, D) -> (B, C, S, S) logits."""
+    def mask_logits(self, head: MaskHead, feats: torch.Tensor, image: ImageFeatures
+                    ) -> torch.Tensor:
+        """Per-condition features (B, C, g, g, D) -> (B, C, S, S) logits with `head` (H or H')."""
         b, c = feats.shape[:2]
-        out = head(feats.flatten(0, 1).permute(0, 3, 1, 2))
+        out = head(feats.flatten(0, 1).permute(0, 3, 1, 2), image.high_res)
         return out.reshape(b, c, *out.shape[-2:])
 
     # -- 3. stage 2 ----------------------------------------------------------------------------
-    def stage2_features(self, feats: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Stage-1 features (B, C, g, g, D) -> FiLM'-modulated class features (B, K, g, g, D)."""
-        p, o = cond.num_parts, cond.num_objects
-        return self.stage2_from(feats[:, :p], feats[:, p:p + o], cond.class_part,
-                                cond.class_object, cond.film2_mul, cond.film2_add)
-
     def stage2_from(self, part_feats: torch.Tensor, object_feats: torch.Tensor,
                     class_part: torch.Tensor, class_object: torch.Tensor,
                     film2_mul: torch.Tensor, film2_add: torch.Tensor) -> torch.Tensor:
@@ -233,18 +253,32 @@ class PartCLIPSeg(nn.Module):
         return FiLM.apply(g, film2_mul, film2_add)
 
     def forward_image(self, images: torch.Tensor, cond: Conditioning,
-                      need_attention: bool = False) -> SegOutput:
-        """(B, 3, S, S) CLIP-normalized float images + conditioning -> SegOutput."""
-        feats, attention = self.decode_stage1(self.image_features(images), cond, need_attention)
-        s1 = self._head(self.head, feats)
+                      need_attention: bool = False, classes: torch.Tensor | None = None
+                      ) -> SegOutput:
+        """(B, 3, S, S) CLIP-normalized float images + conditioning -> SegOutput.
+
+        classes: optional (K',) int64 indices into the vocabulary's classes: stage 2 runs for
+        these only and `logits` is (B, K' + 1, S, S) in that order (training computes stage 2
+        for the classes of the objects in the batch; see `training.losses.stage2_classes`).
+        """
+        image = self.image_features(images)
+        feats, attention = self.decode_stage1(image, cond, need_attention)
+        s1 = self.mask_logits(self.head, feats, image)
         if self.cfg.mode == "clipseg":
             return SegOutput(logits=s1, attention=attention)
-        p = cond.num_parts
-        s2 = self._head(self.head2, self.stage2_features(feats, cond))
+        p, o = cond.num_parts, cond.num_objects
+        class_part, class_object = cond.class_part, cond.class_object
+        mul2, add2 = cond.film2_mul, cond.film2_add
+        if classes is not None:
+            class_part, class_object = class_part[classes], class_object[classes]
+            mul2, add2 = mul2[classes], add2[classes]
+        class_feats = self.stage2_from(feats[:, :p], feats[:, p:p + o], class_part,
+                                       class_object, mul2, add2)
+        s2 = self.mask_logits(self.head2, class_feats, image)
         background = s1[:, -1:]
         return SegOutput(logits=torch.cat([s2, background], 1), object_logits=s1[:, p:],
                          part_logits=torch.cat([s1[:, :p], background], 1), attention=attention)
 
-    def forward(self, images: torch.Tensor, vocab: Vocabulary,
-                need_attention: bool = False) -> SegOutput:
-        return self.forward_image(images, self.encode_vocabulary(vocab), need_attention)
+    def forward(self, images: torch.Tensor, vocab: Vocabulary, need_attention: bool = False,
+                classes: torch.Tensor | None = None) -> SegOutput:
+        return self.forward_image(images, self.encode_vocabulary(vocab), need_attention, classes)

@@ -43,6 +43,10 @@ class TrainConfig:
     # spends its first few hundred steps only pushing every channel down. Off in the paper's
     # recipe (pretrained CLIP); the CPU demo uses 0.01.
     head_prior: float | None = None
+    # Stage 2 (and its loss) per step: "all" classes (the paper), or "present": the classes of
+    # the objects in the batch plus `stage2_negatives` random others (losses.stage2_classes).
+    stage2_classes: str = "all"
+    stage2_negatives: int = 8
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     steps: int = 20_000
@@ -83,6 +87,12 @@ class TrainConfig:
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
                               or not 0 < p < 1):
             raise ConfigError(f"head_prior must be a probability in (0, 1) or null, got {p!r}")
+        if self.stage2_classes not in ("all", "present"):
+            raise ConfigError(f"stage2_classes must be 'all' or 'present', "
+                              f"got {self.stage2_classes!r}")
+        if not isinstance(self.stage2_negatives, int) or self.stage2_negatives < 0:
+            raise ConfigError(f"stage2_negatives must be an integer >= 0, "
+                              f"got {self.stage2_negatives!r}")
         if self.eval_setting not in ("oracle-obj", "pred-all"):
             raise ConfigError(f"eval_setting must be 'oracle-obj' or 'pred-all', "
                               f"got {self.eval_setting!r}")

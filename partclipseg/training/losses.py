@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from runtime.vocabulary import Vocabulary
 
+from ..config import ConfigError
 from ..model.partclipseg import SegOutput
 
-__all__ = ["LossConfig", "PartCLIPSegLoss", "build_targets", "weighted_bce",
-           "attention_losses", "IGNORE", "DATA_IGNORE", "DATA_BACKGROUND"]
+__all__ = ["LossConfig", "PartCLIPSegLoss", "build_targets", "weighted_bce", "softmax_ce",
+           "attention_losses", "stage2_classes", "IGNORE", "DATA_IGNORE", "DATA_BACKGROUND"]
 
 IGNORE = -1  # no supervision, in loss targets
 DATA_IGNORE = -1  # object label of pixels that must not be supervised (e.g. unseen objects)
@@ -54,6 +55,15 @@ class LossConfig:
     background_weight: float = 0.05
     gamma: float = 0.3
     sep_temperature: float = 0.05
+    # "bce": one-vs-all BCE per channel (the paper). "softmax": cross-entropy, each object-
+    # specific class competing only with its own object's classes and background (what
+    # Oracle-Obj and Pred-All rank), objects with objects, parts with parts: a documented
+    # deviation of the random-init SynthParts recipe (docs/synthparts_recipe.md).
+    kind: str = "bce"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("bce", "softmax"):
+            raise ConfigError(f"loss.kind must be 'bce' or 'softmax', got {self.kind!r}")
 
 
 def build_targets(part: torch.Tensor, obj: torch.Tensor, num_classes: int, num_objects: int
@@ -73,6 +83,49 @@ def build_targets(part: torch.Tensor, obj: torch.Tensor, num_classes: int, num_o
     class_t = torch.where(ignored, IGNORE, class_t)
     obj_t = torch.where(ignored | (obj_t > num_objects), IGNORE, obj_t)
     return class_t, obj_t
+
+
+def stage2_classes(class_t: torch.Tensor, vocab: Vocabulary, negatives: int = 0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The classes a training step runs stage 2 for: (K',) int64, sorted, indices into `vocab`.
+
+    Every class of every object with a labelled part in `class_t` ((B, H, W) targets from
+    `build_targets`), plus `negatives` classes of other objects drawn uniformly at random.
+    Oracle-Obj and Pred-All both rank a pixel's stage-2 logits only against the classes of one
+    object (the given one, or the object head's winner), so the classes of absent objects
+    carry no ranking signal for that pixel; leaving them out of the step saves their upsampling
+    and their full-resolution BCE. (The negatives keep absent classes' logits from drifting.)
+    """
+    k = vocab.num_classes
+    class_object = torch.tensor(vocab.class_objects, device=class_t.device)
+    present = torch.unique(class_t)
+    present = present[(present >= 0) & (present < k)]
+    keep = torch.isin(class_object, class_object[present])
+    if negatives > 0:
+        others = torch.nonzero(~keep).flatten()
+        if len(others):
+            pick = torch.randperm(len(others), generator=generator)[:negatives].to(others.device)
+            keep[others[pick]] = True
+    return torch.nonzero(keep).flatten()
+
+
+def softmax_ce(logits: torch.Tensor, target: torch.Tensor, background_weight: float,
+               allowed: torch.Tensor | None = None, count: Count | None = None) -> torch.Tensor:
+    """Cross-entropy over the channels, last channel = background weighted by
+    `background_weight`; mean over valid pixels (`count` as in `weighted_bce`).
+
+    logits (B, C, H, W); target (B, H, W) in [0, C) or -1 (ignored). allowed: optional
+    (B, C - 1, H, W) bool, which non-background channels compete at each pixel (background
+    always does; the target must be allowed).
+    """
+    if allowed is not None:
+        logits = torch.cat([logits[:, :-1].masked_fill(~allowed, -1e4), logits[:, -1:]], 1)
+    valid = target >= 0
+    n = valid.sum()
+    n = (n if count is None else count(n)).clamp(min=1)
+    per_pixel = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+    w = torch.where(target == logits.shape[1] - 1, background_weight, 1.0)
+    return (per_pixel * w * valid).sum() / n
 
 
 def weighted_bce(logits: torch.Tensor, target: torch.Tensor, background_weight: float,
@@ -226,15 +279,39 @@ class PartCLIPSegLoss(torch.nn.Module):
         self.count = count
 
     def forward(self, out: SegOutput, vocab: Vocabulary, class_t: torch.Tensor,
-                obj_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                obj_t: torch.Tensor, classes: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`classes`: the (K',) classes `out.logits` holds (stage 2 run for those only, see
+        `stage2_classes`); every labelled class must be among them. None = all K."""
         c = self.cfg
-        terms = {"os": weighted_bce(out.logits, class_t, c.background_weight, self.count)}
+        os_t = class_t
+        if classes is not None:
+            k = vocab.num_classes
+            remap = torch.full((k + 1,), IGNORE, dtype=class_t.dtype, device=class_t.device)
+            remap[classes] = torch.arange(len(classes), device=class_t.device)
+            remap[k] = len(classes)  # background stays last
+            os_t = torch.where(class_t >= 0, remap[class_t.clamp(min=0)], IGNORE)
+            if bool(((os_t < 0) & (class_t >= 0)).any()):
+                raise ValueError("stage-2 classes miss a labelled class (see stage2_classes)")
+        if c.kind == "softmax":
+            # A pixel's classes compete within its object (all of them at background pixels).
+            owner = torch.tensor(vocab.class_objects, device=class_t.device)
+            if classes is not None:
+                owner = owner[classes]
+            where = obj_t.unsqueeze(1)
+            allowed = (owner.view(1, -1, 1, 1) == where) | (where == len(vocab.objects))
+            loss = lambda x, t, a=None: softmax_ce(x, t, c.background_weight, a,  # noqa: E731
+                                                   self.count)
+            terms = {"os": loss(out.logits, os_t, allowed)}
+        else:
+            loss = lambda x, t: weighted_bce(x, t, c.background_weight, self.count)  # noqa: E731
+            terms = {"os": loss(out.logits, os_t)}
         weights = {"os": c.os}
         if out.object_logits is not None:
             part_of = torch.tensor(vocab.class_parts + (len(vocab.parts),), device=class_t.device)
             part_t = torch.where(class_t >= 0, part_of[class_t.clamp(min=0)], IGNORE)
-            terms["obj"] = weighted_bce(out.object_logits, obj_t, c.background_weight, self.count)
-            terms["part"] = weighted_bce(out.part_logits, part_t, c.background_weight, self.count)
+            terms["obj"] = loss(out.object_logits, obj_t)
+            terms["part"] = loss(out.part_logits, part_t)
             weights.update(obj=c.obj, part=c.part)
             if out.attention is not None and (c.sep or c.enh):
                 terms["sep"], terms["enh"] = attention_losses(

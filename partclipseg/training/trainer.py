@@ -27,7 +27,7 @@ from ..evaluation.evaluate import eval_dataset, evaluate
 from ..model import build_model
 from .config import TrainConfig
 from .data import TrainSamples
-from .losses import PartCLIPSegLoss, build_targets
+from .losses import PartCLIPSegLoss, build_targets, stage2_classes
 
 __all__ = ["train", "param_groups", "poly_lr", "epoch_indices"]
 
@@ -145,8 +145,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     model = _initial_model(cfg).to(dev)
     samples = TrainSamples(train_set, vocab, model.cfg.image_size, cfg.seed, cfg.hflip,
                            cfg.scale_range)
+    # Fused: one kernel over all parameters; the foreach version spent ~60 ms of a ~600 ms CPU
+    # step on the 6.3M-entry token embedding alone.
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.vision_lr_scale),
-                              lr=cfg.lr)
+                              lr=cfg.lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: poly_lr(s, cfg.steps, cfg.poly_power, cfg.warmup_steps))
     step, epoch, offset, best, history = 0, 0, 0, -math.inf, []
@@ -199,9 +201,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
         epoch, b, (images, part, obj) = next(stream)
         images, part, obj = images.to(dev), part.to(dev), obj.to(dev)
         class_t, obj_t = build_targets(part, obj, vocab.num_classes, len(vocab.objects))
+        classes = None
+        if cfg.stage2_classes == "present" and model.cfg.mode == "partclipseg":
+            # Negatives drawn from (seed, step): a resumed run draws the same ones.
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            classes = stage2_classes(class_t, vocab, cfg.stage2_negatives, gen)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            output = ddp(images, vocab, need_attention=need_attention)
-        loss, terms = loss_fn(_float(output), vocab, class_t, obj_t)
+            output = ddp(images, vocab, need_attention=need_attention, classes=classes)
+        loss, terms = loss_fn(_float(output), vocab, class_t, obj_t, classes)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
