@@ -209,8 +209,9 @@ def test_vit_b16_builds_and_runs(vocab):
 
 
 def test_conv_branch_shapes_gradients_and_off_switch(vocab):
-    """conv_branch > 0 adds a convolutional encoder feeding both heads (stride 4) and the
-    decoder's tokens (grid); 0 keeps the paper's model, without its parameters."""
+    """conv_branch > 0 (the tiny model's 32) adds a convolutional encoder feeding both heads
+    (stride 4) and the decoder's tokens (grid); 0 keeps the paper's model, without its
+    parameters."""
     torch.manual_seed(0)
     m = build_model("tiny", conv_branch=8)
     x, part, obj = make_batch(torch)
@@ -237,7 +238,7 @@ def test_conv_branch_shapes_gradients_and_off_switch(vocab):
             for p, s in zip(layer.parameters(), saved):
                 p.copy_(s)
         assert not torch.allclose(changed, out.logits.detach())
-    plain = build_model("tiny")
+    plain = build_model("tiny", conv_branch=0)
     assert plain.conv_branch is None and plain.head.gate is None
     assert plain.image_features(x).high_res is None
     assert not any(k.startswith("conv_branch.") or ".gate." in k for k in plain.state_dict())
