@@ -47,6 +47,10 @@ class ModelConfig:
     # Train the image tower too. The paper freezes its pretrained CLIP; a random-init tower
     # (offline demos) has nothing to preserve and learns parts far faster when trained.
     train_vision: bool = False
+    # Train the whole text tower too (the paper trains only its token and position embeddings).
+    # A random-init tower maps every name to nearly the same vector; trained, it can learn to
+    # compose the words it has seen ("yellow", "bird") into a name it has not ("yellow bird").
+    train_text: bool = False
     adapter_hidden: int = 192
     adapter_ratio: float = 0.2  # a <- (1 - r) a + r MLP(a)
     # a <- (1 - r) a + r ReLU(MLP(a)): the released PartCLIPSeg code's adapter (kaist-cvml/

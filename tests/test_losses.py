@@ -187,3 +187,24 @@ def test_softmax_loss_ranks_classes_within_their_object():
     torch.testing.assert_close(softmax_ce(logits, class_t, 1.0), ref)
     with pytest.raises(ValueError, match="loss.kind"):
         LossConfig(kind="focal")
+
+
+def test_class_balance_weighs_each_class_by_its_pixels():
+    """class_balance a: a pixel of a class with n pixels weighs n^-a (mean weight 1); with
+    a = 1 every present class contributes alike, whatever its area."""
+    from partclipseg.training.losses import softmax_ce
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4, generator=g)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 1  # class 1: 2 pixels; class 0: 13 pixels; one ignored
+    target[0, 3, 3] = IGNORE
+    per = F.cross_entropy(logits, target.clamp(min=0), reduction="none")[0]
+    valid = target[0] >= 0
+    for a in (0.5, 1.0):
+        w = torch.where(target[0] == 1, 2.0 ** -a, 13.0 ** -a) * valid
+        w = w * valid.sum() / w.sum()
+        ref = (per * w).sum() / valid.sum()
+        torch.testing.assert_close(softmax_ce(logits, target, 1.0, balance=a), ref)
+    classes = (per[(target[0] == 0)].mean(), per[target[0] == 1].mean())
+    torch.testing.assert_close(softmax_ce(logits, target, 1.0, balance=1.0), sum(classes) / 2)

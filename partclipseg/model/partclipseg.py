@@ -151,11 +151,11 @@ class PartCLIPSeg(nn.Module):
     # -- parameters ----------------------------------------------------------------------------
     def _freeze_clip(self) -> None:
         """Trainable: adapters, text token/position embeddings, FiLMs, decoder, background
-        (and the image tower with `train_vision`)."""
+        (and the image tower with `train_vision`, the whole text tower with `train_text`)."""
         for p in self.vit.parameters():
             p.requires_grad_(self.cfg.train_vision)
         for p in self.text.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(self.cfg.train_text)
         self.text.token_embedding.weight.requires_grad_(True)
         self.text.positional_embedding.requires_grad_(True)
 

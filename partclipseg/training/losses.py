@@ -60,6 +60,8 @@ class LossConfig:
     # Oracle-Obj and Pred-All rank), objects with objects, parts with parts: a documented
     # deviation of the random-init SynthParts recipe (docs/synthparts_recipe.md).
     kind: str = "bce"
+    # softmax only: class-balance exponent (see `softmax_ce`) of the class and part terms.
+    class_balance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("bce", "softmax"):
@@ -110,22 +112,30 @@ def stage2_classes(class_t: torch.Tensor, vocab: Vocabulary, negatives: int = 0,
 
 
 def softmax_ce(logits: torch.Tensor, target: torch.Tensor, background_weight: float,
-               allowed: torch.Tensor | None = None, count: Count | None = None) -> torch.Tensor:
+               allowed: torch.Tensor | None = None, count: Count | None = None,
+               balance: float = 0.0) -> torch.Tensor:
     """Cross-entropy over the channels, last channel = background weighted by
     `background_weight`; mean over valid pixels (`count` as in `weighted_bce`).
 
     logits (B, C, H, W); target (B, H, W) in [0, C) or -1 (ignored). allowed: optional
     (B, C - 1, H, W) bool, which non-background channels compete at each pixel (background
-    always does; the target must be allowed).
+    always does; the target must be allowed). balance: a pixel of a class with n pixels in
+    the batch weighs n^-balance, rescaled to a mean weight of 1 (0 = plain; 1 = every
+    present class counts alike, as mIoU does).
     """
     if allowed is not None:
         logits = torch.cat([logits[:, :-1].masked_fill(~allowed, -1e4), logits[:, -1:]], 1)
     valid = target >= 0
     n = valid.sum()
     n = (n if count is None else count(n)).clamp(min=1)
-    per_pixel = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
-    w = torch.where(target == logits.shape[1] - 1, background_weight, 1.0)
-    return (per_pixel * w * valid).sum() / n
+    t = target.clamp(min=0)
+    per_pixel = F.cross_entropy(logits, t, reduction="none")
+    w = torch.where(target == logits.shape[1] - 1, background_weight, 1.0) * valid
+    if balance:
+        pixels = torch.bincount(t[valid], minlength=logits.shape[1]).to(logits.dtype)
+        pw = pixels.clamp(min=1).pow(-balance)[t] * valid
+        w = w * pw * (valid.sum() / pw.sum().clamp(min=1e-12))
+    return (per_pixel * w).sum() / n
 
 
 def weighted_bce(logits: torch.Tensor, target: torch.Tensor, background_weight: float,
@@ -293,6 +303,7 @@ class PartCLIPSegLoss(torch.nn.Module):
             os_t = torch.where(class_t >= 0, remap[class_t.clamp(min=0)], IGNORE)
             if bool(((os_t < 0) & (class_t >= 0)).any()):
                 raise ValueError("stage-2 classes miss a labelled class (see stage2_classes)")
+        allowed = None
         if c.kind == "softmax":
             # A pixel's classes compete within its object (all of them at background pixels).
             owner = torch.tensor(vocab.class_objects, device=class_t.device)
@@ -300,18 +311,13 @@ class PartCLIPSegLoss(torch.nn.Module):
                 owner = owner[classes]
             where = obj_t.unsqueeze(1)
             allowed = (owner.view(1, -1, 1, 1) == where) | (where == len(vocab.objects))
-            loss = lambda x, t, a=None: softmax_ce(x, t, c.background_weight, a,  # noqa: E731
-                                                   self.count)
-            terms = {"os": loss(out.logits, os_t, allowed)}
-        else:
-            loss = lambda x, t: weighted_bce(x, t, c.background_weight, self.count)  # noqa: E731
-            terms = {"os": loss(out.logits, os_t)}
+        terms = {"os": self._term(out.logits, os_t, allowed, c.class_balance)}
         weights = {"os": c.os}
         if out.object_logits is not None:
             part_of = torch.tensor(vocab.class_parts + (len(vocab.parts),), device=class_t.device)
             part_t = torch.where(class_t >= 0, part_of[class_t.clamp(min=0)], IGNORE)
-            terms["obj"] = loss(out.object_logits, obj_t)
-            terms["part"] = loss(out.part_logits, part_t)
+            terms["obj"] = self._term(out.object_logits, obj_t)
+            terms["part"] = self._term(out.part_logits, part_t, balance=c.class_balance)
             weights.update(obj=c.obj, part=c.part)
             if out.attention is not None and (c.sep or c.enh):
                 terms["sep"], terms["enh"] = attention_losses(
@@ -319,3 +325,11 @@ class PartCLIPSegLoss(torch.nn.Module):
                 weights.update(sep=c.sep, enh=c.enh)
         total = sum(weights[k] * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    def _term(self, logits: torch.Tensor, target: torch.Tensor,
+              allowed: torch.Tensor | None = None, balance: float = 0.0) -> torch.Tensor:
+        """One classification term in the configured kind (`allowed`, `balance`: softmax only)."""
+        c = self.cfg
+        if c.kind == "softmax":
+            return softmax_ce(logits, target, c.background_weight, allowed, self.count, balance)
+        return weighted_bce(logits, target, c.background_weight, self.count)
