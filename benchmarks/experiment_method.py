@@ -177,28 +177,42 @@ def main(argv: list[str] | None = None) -> int:
                  n_val=cfg.data.synth_val, progress=False)
     jobs = [(args, v, s) for s in args.seeds for v in args.variants]
     t0 = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+
+    def write() -> dict[str, Any]:
+        """The record so far: written after every run, so a run cut short keeps its results."""
+        import torch
+
+        summary = summarize(runs)
+        record = {
+            "experiment": "PartCLIPSeg vs CLIPSeg baseline and L_sep/L_enh ablations on "
+                          "SynthParts val",
+            "date": _dt.date.today().isoformat(),
+            "machine": {"device": args.device, "cpu_count": os.cpu_count(),
+                        "gpu": torch.cuda.get_device_name(0) if args.device != "cpu" else None,
+                        "python": platform.python_version(), "torch": torch.__version__},
+            "command": "python -m benchmarks.experiment_method " + " ".join(
+                sys.argv[1:] if argv is None else argv),
+            "config": _config(args, "partclipseg", args.seeds[0]).to_dict(),
+            "checkpoint": "last.pt (final weights, no selection on val)",
+            "seeds": args.seeds, "wall_s": round(time.perf_counter() - t0, 1),
+            "complete": len(runs) == len(jobs), "summary": summary, "runs": runs,
+        }
+        _atomic_write(out / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+        return summary
+
     if args.jobs > 1:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            runs = pool.map(run_one, jobs, chunksize=1)
+            for r in pool.imap_unordered(run_one, jobs, chunksize=1):
+                runs.append(r)
+                write()
     else:
-        runs = [run_one(j) for j in jobs]
-    summary = summarize(runs)
-    import torch
-    record = {
-        "experiment": "PartCLIPSeg vs CLIPSeg baseline and L_sep/L_enh ablations on SynthParts val",
-        "date": _dt.date.today().isoformat(),
-        "machine": {"device": args.device, "cpu_count": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name(0) if args.device != "cpu" else None,
-                    "python": platform.python_version(), "torch": torch.__version__},
-        "command": "python -m benchmarks.experiment_method " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "config": _config(args, "partclipseg", args.seeds[0]).to_dict(),
-        "checkpoint": "last.pt (final weights, no selection on val)",
-        "seeds": args.seeds, "wall_s": round(time.perf_counter() - t0, 1),
-        "summary": summary, "runs": runs,
-    }
-    _atomic_write(out / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+        for j in jobs:
+            runs.append(run_one(j))
+            write()
+    runs.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+    summary = write()
     md = table(summary, args.seeds)
     _atomic_write(out / f"{args.name}.md", md + "\n")
     print(md)

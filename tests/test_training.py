@@ -78,13 +78,19 @@ def test_training_writes_checkpoints_and_metrics(synth_root, tmp_path):
     assert torch.equal(init["vit.blocks.0.mlp.c_fc.weight"], trained["vit.blocks.0.mlp.c_fc.weight"])
 
 
-def test_resume_reproduces_an_uninterrupted_run(synth_root, tmp_path):
+SYNTHPARTS_RECIPE = {"stage2_classes": "present", "stage2_negatives": 2,
+                     "loss": LossConfig(kind="softmax", background_weight=1.0, class_balance=0.5)}
+
+
+@pytest.mark.parametrize("recipe", [{}, SYNTHPARTS_RECIPE], ids=["paper", "synthparts"])
+def test_resume_reproduces_an_uninterrupted_run(synth_root, tmp_path, recipe):
     """stop_at + resume: bit-identical weights, optimizer state and metrics to one straight run.
 
-    Data order and augmentation depend on (seed, epoch, index) only and last.pt holds the
-    optimizer, scheduler, step and RNG state, so nothing differs: we require exact equality.
+    Data order and augmentation depend on (seed, epoch, index) only, stage-2 negatives on
+    (seed, step), and last.pt holds the optimizer, scheduler, step and RNG state, so nothing
+    differs: we require exact equality (for the paper's recipe and the SynthParts one).
     """
-    cfg = micro_config(synth_root)
+    cfg = micro_config(synth_root, **recipe)
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(cfg, straight, progress=False)
     train(cfg, split, progress=False, stop_at=2)  # mid-epoch (4 batches per epoch)
@@ -217,6 +223,9 @@ def test_real_dataset_configs_use_the_paper_recipe(name):
     ({"data": {"val_limit": 0}}, "val_limit"),
     ({"stepz": 5}, "unknown keys"),
     ({"head_prior": 1.0}, "head_prior"),
+    ({"stage2_classes": "some"}, "stage2_classes"),
+    ({"stage2_negatives": -1}, "stage2_negatives"),
+    ({"loss": {"kind": "focal"}}, "loss.kind"),
 ])
 def test_bad_train_configs_are_refused_clearly(bad, match):
     with pytest.raises(ConfigError, match=match):
