@@ -101,7 +101,7 @@ class MaskHead(nn.Module):
     Conv3x3 D->D, ReLU, ConvT D->D/2 (k p/4, s p/4), ReLU, ConvT D/2->1 (k4, s4): for p = 16 the
     CLIPSeg "rd64-refined" head; smaller patches (tiny CPU models) shrink the first upsampling.
 
-    With `high_res` (the image's stride-4 features from `HighResStem`, (B, D/2, S/4, S/4),
+    With `high_res` (the image's stride-4 features from `ConvBranch`, (B, D/2, S/4, S/4),
     shared by the C conditions of each image: N = B * C), they are added to the first
     upsampling's output before its ReLU, as SAM 2's mask decoder adds its image encoder's
     stride-4 features: the token grid says which part, the stride-4 features say where its
@@ -128,7 +128,8 @@ class MaskHead(nn.Module):
         if high_res is not None:
             b = high_res.shape[0]
             gate = self.gate(x.mean((2, 3)))[..., None, None]  # (N, D/2, 1, 1)
-            up = (up + (gate * high_res.repeat_interleave(up.shape[0] // b, 0)))
+            up = (up.unflatten(0, (b, -1))
+                  + gate.unflatten(0, (b, -1)) * high_res.unsqueeze(1)).flatten(0, 1)
         return _upsample_1(F.relu(up), self.up2)
 
 
@@ -189,39 +190,3 @@ class ConvBranch(nn.Module):
         g = images.shape[-1] // self.patch
         grid = F.adaptive_avg_pool2d(f16, g) if f16.shape[-1] != g else f16
         return high_res, self.out_grid(grid.flatten(2).transpose(1, 2))
-
-
-def _upsample_1(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
-    """`up(x).squeeze(1)` for a one-channel ConvTranspose2d whose kernel equals its stride:
-    (N, C, h, w) -> (N, k h, k w).
-
-    Kernel = stride means no overlap: each k x k output block is a linear map of one input
-    vector, so the layer is a (C, k*k) matrix product followed by a pixel shuffle. Same
-    numbers; on the CPU its forward + backward is ~3x faster than the ConvTranspose2d kernel,
-    and the last upsampling is the largest tensor of a training step (B x classes x S x S).
-    """
-    k = up.stride[0]
-    w = up.weight.reshape(x.shape[1], k * k)
-    y = torch.einsum("nchw,cq->nqhw", x, w) + up.bias
-    return F.pixel_shuffle(y, k).squeeze(1)
-
-
-class HighResStem(nn.Module):
-    """Image -> stride-4 features for the mask heads: (B, 3, S, S) -> (B, out, S/4, S/4).
-
-    Conv3x3 s2, ReLU, Conv3x3 s2, ReLU, Conv3x3, ReLU, Conv1x1 (receptive field 15 pixels). A
-    random-init ViT at patch 16 sees a 160-pixel image as 10 x 10 tokens, coarser than the
-    legs, eyes and wheels it must outline; these few convolutions see textures and edges at
-    stride 4 (`ModelConfig.high_res_width`; 0 = off, as in the paper's CLIP-initialized model).
-    """
-
-    def __init__(self, width: int, out: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, out, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
