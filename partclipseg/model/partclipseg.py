@@ -15,6 +15,8 @@ Read top to bottom:
      Linear 2D -> D, ReLU, Linear D -> D (`mix: "mlp"`).
 
 `mode="clipseg"` is the baseline: stage 1 only, conditioned on object-specific names.
+`conv_branch` > 0 (random-init models only, e.g. `tiny`) adds a small convolutional encoder
+beside the ViT whose features enter the decoder's tokens and both mask heads (`ConvBranch`).
 """
 
 from __future__ import annotations
