@@ -263,6 +263,9 @@ class PartCLIPSeg(nn.Module):
         these only and `logits` is (B, K' + 1, S, S) in that order (training computes stage 2
         for the classes of the objects in the batch; see `training.losses.stage2_classes`).
         """
+        if classes is not None and self.cfg.mode == "clipseg":
+            raise ValueError("classes selects stage-2 classes; the clipseg baseline has no "
+                             "stage 2 (pass a vocabulary subset instead)")
         image = self.image_features(images)
         feats, attention = self.decode_stage1(image, cond, need_attention)
         s1 = self.mask_logits(self.head, feats, image)

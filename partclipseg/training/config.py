@@ -45,6 +45,7 @@ class TrainConfig:
     head_prior: float | None = None
     # Stage 2 (and its loss) per step: "all" classes (the paper), or "present": the classes of
     # the objects in the batch plus `stage2_negatives` random others (losses.stage2_classes).
+    # The clipseg baseline has no stage 2: it always runs every class.
     stage2_classes: str = "all"
     stage2_negatives: int = 8
     data: DataConfig = DataConfig()
