@@ -142,6 +142,10 @@ def _upsample_1(x: torch.Tensor, up: nn.ConvTranspose2d) -> torch.Tensor:
     numbers; on the CPU its forward + backward is ~3x faster than the ConvTranspose2d kernel,
     and the last upsampling is the largest tensor of a training step (B x classes x S x S).
     """
+    if torch.onnx.is_in_onnx_export():
+        # Exported graphs keep the ConvTranspose node: ONNX Runtime's Einsum is slower than
+        # its ConvTranspose, and TensorRT fuses the latter.
+        return up(x).squeeze(1)
     k = up.stride[0]
     w = up.weight.reshape(x.shape[1], k * k)
     y = torch.einsum("nchw,cq->nqhw", x, w) + up.bias
