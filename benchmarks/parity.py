@@ -58,7 +58,7 @@ def evaluate_segmenter(seg: Any, dataset: Any, setting: str, batch_size: int = 8
     dataset: a `partclipseg.data.datasets` data set loaded per object for Oracle-Obj (as
     `partclipseg.evaluation.evaluate.eval_dataset` does); its vocabulary must be the bundle's.
     """
-    from partclipseg.data.datasets import IGNORE_INDEX
+    from runtime.io import IGNORE_LABEL
     from partclipseg.evaluation.evaluate import evaluate_segmenter as evaluate_deployed
     from partclipseg.evaluation.evaluate import oracle_object
 
@@ -78,7 +78,7 @@ def evaluate_segmenter(seg: Any, dataset: Any, setting: str, batch_size: int = 8
         s = dataset[i]
         regions.append(oracle_object(s)[0] if setting == "oracle-obj"
                        else np.ones(s["part"].shape, bool))
-        labeled.append(s["part"] != IGNORE_INDEX)
+        labeled.append(s["part"] != IGNORE_LABEL)
     metrics = {k: v for k, v in result.items() if k != "per_class"}
     return EvalRun(seg.backend_name, setting, metrics, tuple(labels), tuple(regions),
                    tuple(labeled), seconds)

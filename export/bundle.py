@@ -25,7 +25,7 @@ try:
 except ImportError:  # Windows: no stale-staging cleanup
     fcntl = None  # type: ignore[assignment]
 
-from partclipseg.checkpoint import atomic_write
+from runtime.io import atomic_write, atomic_write_text
 from runtime.bundle import MANIFEST, file_entry
 
 __all__ = ["staged_bundle", "clean_stale_staging", "write_manifest", "write_vocab", "update_manifest"]
@@ -141,7 +141,7 @@ def write_vocab(root: Path, arrays: dict[str, np.ndarray], name: str = "vocab.np
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    return atomic_write(Path(root) / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write_text(Path(root) / MANIFEST, text)
 
 
 def update_manifest(root: Path, changes: dict[str, Any], files: dict[str, str] | None = None

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.errors import UserError, run_command
+
 __all__ = ["export_onnx", "ExportError", "parity", "build_parser", "main"]
 
 FP32_TOLERANCE = 1e-4  # relative L2 error of the logits, ONNX Runtime FP32 vs PyTorch
@@ -27,7 +29,7 @@ FP16_TOLERANCE = 2e-2  # the same for the FP16 graph
 FP16_KEEP_FP32 = ["LayerNormalization"]
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An exported graph failed its checks (checker, parity with PyTorch)."""
 
 
@@ -156,8 +158,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     """
     import torch
 
-    from partclipseg.checkpoint import file_sha256, load_model
-    from partclipseg.config import CLIP_MEAN, CLIP_STD
+    from partclipseg.checkpoint import load_model
+    from runtime.io import CLIP_MEAN, CLIP_STD, file_sha256
     from partclipseg.model.backbone import resize_pos_embed
     from runtime import bundle as spec
 
@@ -173,7 +175,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     ckpt = Path(ckpt)
     model, vocab, _record = load_model(ckpt)
     if image_size and image_size != model.cfg.image_size:
-        patch = model.cfg.vision_cfg.get("patch_size", 16)
+        patch = model.cfg.patch_size
         if image_size % patch:
             raise ValueError(f"--image-size {image_size} must be a multiple of {patch}")
         model.cfg = model.cfg.replace(image_size=image_size)
@@ -269,16 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from partclipseg.checkpoint import CheckpointError
 
-    try:
+    def body() -> int:
         export_onnx(a.ckpt, a.out, opset=a.opset, image_size=a.image_size,
                     image_dtype=a.image_dtype, fp16=not a.no_fp16, labels=a.labels,
                     fp32_tolerance=a.fp32_tolerance, fp16_tolerance=a.fp16_tolerance)
-    except (CheckpointError, ExportError, ValueError, OSError) as e:
-        print(f"export.onnx: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return run_command("export.onnx", body)
 
 
 if __name__ == "__main__":

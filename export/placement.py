@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from runtime.errors import run_command
+
 __all__ = ["placement", "build_parser", "main"]
 
 
@@ -69,20 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from runtime import BundleError, Segmenter
 
-    from partclipseg.model.deploy import example_inputs
+    def body() -> int:
+        from runtime import Segmenter
 
-    try:
+        from partclipseg.model.deploy import example_inputs
+
         seg = Segmenter.load(a.bundle, backend="onnxruntime", device="cpu")
         key = f"onnx_{a.precision}" + ("_labels" if a.labels else "")
         path = seg.manifest.file(key)
-    except BundleError as e:
-        print(f"export.placement: error: {e}", file=sys.stderr)
-        return 2
-    feed = example_inputs(seg.input_size, seg._select(None).chunks[0][2], batch=a.batch)
-    print(json.dumps(placement(path, feed, a.device), indent=2))
-    return 0
+        feed = example_inputs(seg.input_size, seg.feed(), batch=a.batch)
+        print(json.dumps(placement(path, feed, a.device), indent=2))
+        return 0
+    return run_command("export.placement", body)
 
 
 if __name__ == "__main__":

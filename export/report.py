@@ -19,6 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.errors import run_command
+from runtime.io import atomic_write_text
+
 __all__ = ["deployment_report", "format_report", "build_parser", "main"]
 
 CANDIDATES = (("torch", "cpu", "fp32"), ("onnxruntime", "cpu", "fp32"),
@@ -104,26 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--setting", choices=["oracle-obj", "pred-all"], default="pred-all")
     p.add_argument("--limit", type=int, default=100, help="samples to evaluate (default 100)")
-    p.add_argument("--checkpoint", help="checkpoint for the torch reference (default: manifest's)")
+    p.add_argument("--ckpt", help="checkpoint for the torch reference (default: manifest's)")
     p.add_argument("--json", help="write the rows here")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from partclipseg.checkpoint import CheckpointError
-    from runtime import BundleError
 
-    try:
+    def body() -> int:
         rows = deployment_report(a.bundle, a.data, a.kind, a.split, a.setting, a.limit,
-                                 checkpoint=a.checkpoint)
-    except (BundleError, CheckpointError, ValueError, OSError) as e:
-        print(f"export.report: error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(rows, a.setting))
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
-    return 0
+                                 checkpoint=a.ckpt)
+        print(format_report(rows, a.setting))
+        if a.json:
+            atomic_write_text(a.json, json.dumps(rows, indent=2))
+        return 0
+    return run_command("export.report", body)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from runtime.errors import UserError, run_command
+from runtime.io import atomic_write
+
 __all__ = ["build_engine", "engine_bytes", "profile_shapes", "EngineBuildError", "build_parser", "main"]
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(UserError, RuntimeError):
     """TensorRT parsed the graph but could not build an engine."""
 
 
@@ -121,7 +124,6 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
     manifest = json.loads((bundle / spec.MANIFEST).read_text())
     shapes = profile_shapes(manifest, min_batch, opt_batch, max_batch, max_classes)
 
-    from partclipseg.checkpoint import atomic_write
 
     cache = Path(timing_cache) if timing_cache else bundle / spec.TIMING_CACHE
     _log(f"{onnx_path.name} -> {spec.ENGINE} with {flav} {trt.__version__} (strongly typed, "
@@ -164,20 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from partclipseg.checkpoint import CheckpointError
-    from runtime.backends.tensorrt import TensorRTUnavailable
-    from runtime.bundle import BundleError
 
-    from .onnx import ExportError
-
-    try:
+    def body() -> int:
         build_engine(a.out, a.ckpt, a.min_batch, a.opt_batch, a.max_batch, a.max_classes,
                      a.workspace, a.timing_cache, a.precision, a.flavour)
-    except (TensorRTUnavailable, BundleError, CheckpointError, ExportError, EngineBuildError,
-            ValueError, FileNotFoundError) as e:
-        print(f"export.trt: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return run_command("export.trt", body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from runtime.errors import run_command
+
 if TYPE_CHECKING:
     from runtime.vocabulary import Vocabulary
 
@@ -67,7 +69,8 @@ def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,
     """
     import json
 
-    from partclipseg.checkpoint import file_sha256, load_model
+    from partclipseg.checkpoint import load_model
+    from runtime.io import file_sha256
     from partclipseg.model.deploy import vocab_arrays
     from runtime import bundle as spec
 
@@ -112,15 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from partclipseg.checkpoint import CheckpointError
-    from runtime.bundle import BundleError
 
-    try:
+    def body() -> int:
         set_vocabulary(a.bundle, a.ckpt, read_class_file(a.classes), a.allow_other_checkpoint)
-    except (BundleError, CheckpointError, ValueError, OSError) as e:
-        print(f"export.vocab: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return run_command("export.vocab", body)
 
 
 if __name__ == "__main__":

@@ -7,52 +7,29 @@ pickled objects is refused, never executed.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from runtime.errors import UserError
+from runtime.io import atomic_write
 from runtime.vocabulary import Vocabulary
 
 from . import __version__
 from .config import ModelConfig
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model",
-           "atomic_write", "file_sha256", "FORMAT", "FORMAT_VERSION"]
+           "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "partclipseg-checkpoint"
 FORMAT_VERSION = 1
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, truncated, corrupt, foreign or of an unsupported version."""
-
-
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call `write(tmp_path)`, then rename onto `path`; on any failure remove the temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, vocabulary: Vocabulary,
@@ -141,11 +118,3 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit its own model config: {e}") from e
     return model.to(map_location).eval(), Vocabulary.from_dict(record["vocabulary"]), record
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -1,15 +1,14 @@
-"""`partclipseg` command line: synth, train, eval, demo."""
+"""`partclipseg` command line: synth, train, eval, demo, predict, import-weights."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from runtime.errors import run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -32,12 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a finished or interrupted run in --out (default: refuse)")
-    t.add_argument("--data-root", help="override data.root of the config")
-    t.add_argument("--steps", type=_positive, help="override the number of steps")
-    t.add_argument("--mode", choices=["partclipseg", "clipseg"], help="override the model mode")
-    t.add_argument("--seed", type=int, help="override the seed")
-    t.add_argument("--sep", type=float, help="override the L_sep weight (0 = ablate)")
-    t.add_argument("--enh", type=float, help="override the L_enh weight (0 = ablate)")
+    t.add_argument("--data", help="dataset folder (default: the config's data.root)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable; YAML values, dotted sections): "
+                   "--set steps=400 --set loss.sep=0 --set model_overrides.mode=clipseg")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (seen / unseen / h-IoU)")
@@ -55,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive, help="training steps (default: the config's)")
     d.add_argument("--config", default="synthparts_tiny")
 
-    sub.add_parser("predict", help="segment images with an exported bundle (predict --help)")
+    from runtime.predict import add_arguments as add_predict_arguments
+
+    add_predict_arguments(sub.add_parser(
+        "predict", help="segment images with an exported bundle (numpy + a backend; no torch)"))
 
     w = sub.add_parser("import-weights", help="start from real weights: HF CLIPSeg or the "
                        "authors' released PartCLIPSeg checkpoint -> a partclipseg checkpoint")
@@ -103,22 +103,10 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def _train_config(a: argparse.Namespace) -> Any:
-    from .training.config import load_train_config
+    from .training.config import apply_overrides, load_train_config
 
-    cfg = load_train_config(a.config)
-    if a.data_root:
-        cfg = cfg.replace(data=dataclasses.replace(cfg.data, root=a.data_root))
-    if a.steps:
-        cfg = cfg.replace(steps=a.steps, eval_every=min(cfg.eval_every, a.steps))
-    if a.mode:
-        cfg = cfg.replace(model_overrides={**cfg.model_overrides, "mode": a.mode})
-    if a.seed is not None:
-        cfg = cfg.replace(seed=a.seed)
-    if a.sep is not None or a.enh is not None:
-        loss = cfg.loss
-        cfg = cfg.replace(loss=dataclasses.replace(
-            loss, sep=loss.sep if a.sep is None else a.sep, enh=loss.enh if a.enh is None else a.enh))
-    return cfg
+    data = [f"data.root={json.dumps(a.data)}"] if a.data else []
+    return apply_overrides(load_train_config(a.config), data + a.set)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -136,7 +124,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import atomic_write, load_model
+    from runtime.io import atomic_write_text
+
+    from .checkpoint import load_model
     from .evaluation.evaluate import eval_dataset, evaluate
     from .evaluation.metrics import format_table
 
@@ -145,13 +135,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     data_cfg = record.get("train_config", {}).get("data", {})
     root, kind = a.data or data_cfg.get("root"), a.kind or data_cfg.get("kind", "synthparts")
     if not root:
-        raise SystemExit("--data is required: the checkpoint does not name its dataset")
+        raise ValueError("--data is required: the checkpoint does not name its dataset")
     dataset = eval_dataset(kind, root, a.split, a.setting)
     result = evaluate(model, dataset, a.setting, limit=a.limit)
     print(format_table(result))
     if a.json:
         text = json.dumps(result, indent=2, default=float)
-        atomic_write(a.json, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(a.json, text)
         print(f"metrics written to {a.json}")
     return 0
 
@@ -191,25 +181,19 @@ def cmd_import_weights(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(a: argparse.Namespace) -> int:
+    from runtime.predict import run
+
+    return run(a)
+
+
 COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
-            "import-weights": cmd_import_weights}
+            "predict": cmd_predict, "import-weights": cmd_import_weights}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["predict"]:  # its own parser lives with the runtime (no torch needed)
-        from runtime.predict import main as predict_main
-
-        return predict_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-
-    try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"partclipseg {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"partclipseg {args.command}", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -10,18 +10,17 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["ModelConfig", "ConfigError", "load_model_config", "CLIP_MEAN", "CLIP_STD",
-           "MODEL_CONFIG_DIR", "CONFIG_DIR", "resolve_config_path"]
+from runtime.errors import UserError
 
-# OpenAI CLIP normalisation (RGB, applied to [0, 1] pixels).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["ModelConfig", "ConfigError", "load_model_config", "MODEL_CONFIG_DIR",
+           "CONFIG_DIR", "resolve_config_path"]
+
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file is missing, malformed or inconsistent."""
 
 
@@ -68,6 +67,11 @@ class ModelConfig:
     # paper, on pretrained CLIP); on for random-init SynthParts models, whose frozen random ViT
     # tokens carry little part information.
     conv_branch: int = 0
+    # Start the mask heads' output bias at logit(head_prior) (RetinaNet's prior init) instead
+    # of PyTorch's default. Each class channel is positive on a few percent of pixels at most;
+    # from p = 0.5 a random-init model with BCE spends its first few hundred steps only pushing
+    # every channel down. Only a fresh model's init: loaded weights replace it. None = off.
+    head_prior: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
@@ -84,21 +88,30 @@ class ModelConfig:
                 or self.extract_layers[-1] >= layers or self.extract_layers[0] < 0:
             raise ConfigError(f"extract_layers {self.extract_layers} must be increasing block "
                               f"indices below the ViT depth {layers}")
-        patch = self.vision_cfg.get("patch_size", 16)
+        patch = self.patch_size
         if patch % 4 or patch < 4:
             # The mask head upsamples by the patch size: stride p/4, then stride 4.
             raise ConfigError(f"patch_size must be a multiple of 4 (the mask head upsamples "
                               f"by p/4, then 4), got {patch}")
         if self.image_size % patch:
             raise ConfigError(f"image_size {self.image_size} must be a multiple of {patch}")
+        p = self.head_prior
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
+                              or not 0 < p < 1):
+            raise ConfigError(f"head_prior must be a probability in (0, 1) or null, got {p!r}")
         if not isinstance(self.conv_branch, int) or self.conv_branch < 0:
             raise ConfigError(f"conv_branch must be an integer >= 0, got {self.conv_branch!r}")
         if self.reduce_dim % self.decoder_heads:
             raise ConfigError("reduce_dim must be divisible by decoder_heads")
 
     @property
+    def patch_size(self) -> int:
+        """ViT patch size in pixels (open_clip's default 16 when the config leaves it out)."""
+        return int(self.vision_cfg.get("patch_size", 16))
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // self.vision_cfg.get("patch_size", 16)
+        return self.image_size // self.patch_size
 
     @property
     def vision_width(self) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.io import IGNORE_LABEL
+
 __all__ = ["run_demo", "write_overlays"]
 
 
@@ -29,9 +31,9 @@ def write_overlays(seg: Any, dataset: Any, out: Path, n: int = 6) -> list[Path]:
     for i in range(min(n, len(dataset))):
         s = dataset[i]
         pred = seg.predict(s["image"])
-        gt = np.where(s["part"] == 255, -1, s["part"])
+        gt = np.where(s["part"] == IGNORE_LABEL, -1, s["part"])
         unseen = sorted({vocab.objects[c] for c in np.unique(s["object"])
-                         if c != 255 and vocab.objects[c] in vocab.unseen_objects})
+                         if c != IGNORE_LABEL and vocab.objects[c] in vocab.unseen_objects})
         title = (f"{s['name']}  (Pred-All, {seg.backend_name})"
                  + (f"  unseen: {', '.join(unseen)}" if unseen else ""))
         path = out / f"{s['name']}.png"

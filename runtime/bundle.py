@@ -28,7 +28,6 @@ is named at load time instead of failing deep inside a backend.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+from .io import file_sha256
 from .vocabulary import Vocabulary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "IMAGE", "LOGITS", "OBJECT_LOGITS", "VOCAB_INPUTS",
@@ -79,7 +80,7 @@ MODES = ("partclipseg", "clipseg")
 IMAGE_DTYPES = ("uint8", "float32")
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     """A bundle is missing files, corrupt, or of an unsupported format version."""
 
 
@@ -126,7 +127,7 @@ class Manifest:
                               f"{entry['bytes']}: it is truncated or was replaced; re-export the "
                               "bundle")
         if verify and "sha256" in entry:
-            digest = _sha256(p)
+            digest = file_sha256(p)
             if digest != entry["sha256"]:
                 raise BundleError(f"bundle file {p} is corrupt: its SHA-256 {digest[:12]}... is "
                                   f"not the manifest's {str(entry['sha256'])[:12]}... (damaged "
@@ -189,18 +190,10 @@ def _check_consistent(m: Manifest) -> None:
                           "; re-export the bundle")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_entry(root: Path, name: str) -> dict[str, Any]:
     """Manifest record of a bundle file: relative path, size and SHA-256."""
     path = Path(root) / name
-    return {"path": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"path": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:

@@ -7,13 +7,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["InputError", "check_image", "resize_image", "preprocess", "CLIP_MEAN", "CLIP_STD"]
+from .errors import UserError
+from .io import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["InputError", "check_image", "resize_image", "preprocess"]
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input image, mask or class request is malformed."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import bundle as spec
+from .errors import DeviceError
 from .postprocess import (BACKGROUND, oracle_obj, pred_all, resize_bilinear, resize_nearest,
                           sigmoid)
 from .preprocess import InputError, check_image, resize_image
@@ -390,6 +391,6 @@ def _pick_backend(manifest: spec.Manifest, device: str | None) -> tuple[str, str
         if cuda_available():
             return "onnxruntime", "cuda"
         if device == "cuda":
-            raise RuntimeError("device='cuda' but neither a runnable TensorRT engine nor "
+            raise DeviceError("device='cuda' but neither a runnable TensorRT engine nor "
                                "onnxruntime-gpu is available")
     return "onnxruntime", "cpu"

@@ -12,10 +12,12 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from .errors import UserError
+
 __all__ = ["Vocabulary", "VocabularyError", "class_name"]
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError, ValueError):
     """A vocabulary is malformed, empty, or a requested name is not in it."""
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 from runtime.vocabulary import Vocabulary, VocabularyError
 
-from ..checkpoint import file_sha256, save_checkpoint
-from ..config import CLIP_MEAN, CLIP_STD
+from runtime.io import CLIP_MEAN, CLIP_STD, file_sha256
+
+from ..checkpoint import save_checkpoint
 from .clipseg import Conversion, convert_clipseg, detect_layout
 from .sources import WeightsError, read_weights
 

@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from runtime.errors import UserError
+
 __all__ = ["WeightsError", "ForeignWeights", "read_weights"]
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Foreign weights are missing, unreadable, unsafe to load, or of an unknown layout."""
 
 

@@ -5,9 +5,9 @@ Every loader yields samples in one common format::
     {
         "image":  (H, W, 3) uint8 RGB,
         "part":   (H, W) int64, class index into ``dataset.vocabulary.classes``,
-                  IGNORE_INDEX (255) = ignore / background / unlabeled,
+                  IGNORE_LABEL (255) = ignore / background / unlabeled,
         "object": (H, W) int64, object index into ``dataset.vocabulary.objects``,
-                  IGNORE_INDEX (255) = background / no object,
+                  IGNORE_LABEL (255) = background / no object,
         "name":   str, a stable sample id (file stem, plus "#object" for per-object samples),
     }
 
@@ -66,6 +66,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from runtime.errors import UserError
+from runtime.io import IGNORE_LABEL
 from runtime.vocabulary import Vocabulary, VocabularyError
 
 from .vocabularies import (
@@ -78,7 +80,6 @@ from .vocabularies import (
 )
 
 __all__ = [
-    "IGNORE_INDEX",
     "ADE_IGNORE_VALUE",
     "KINDS",
     "DatasetError",
@@ -93,11 +94,8 @@ __all__ = [
     "segmentation_to_mask",
 ]
 
-IGNORE_INDEX = 255
-"""Ignore / background value of the ``part`` and ``object`` maps of every sample."""
-
 ADE_IGNORE_VALUE = 65535
-"""Ignore value of the 16-bit ADE20K-Part-234 part PNGs (mapped to IGNORE_INDEX)."""
+"""Ignore value of the 16-bit ADE20K-Part-234 part PNGs (mapped to IGNORE_LABEL)."""
 
 KINDS = ("synthparts", "pascal_part_116", "ade20k_part_234", "partimagenet")
 
@@ -120,7 +118,7 @@ _ROOT_SUBDIRS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder or annotation file is missing, malformed, or holds invalid labels."""
 
 
@@ -338,8 +336,8 @@ def _check_size(ref: tuple[int, ...], arr: np.ndarray, ref_path: str, path: str)
 
 
 def _lut(mapping: Mapping[int, int], size: int) -> np.ndarray:
-    """Lookup table raw value -> mapped value (IGNORE_INDEX where unmapped), for values < size."""
-    lut = np.full(size, IGNORE_INDEX, dtype=np.int64)
+    """Lookup table raw value -> mapped value (IGNORE_LABEL where unmapped), for values < size."""
+    lut = np.full(size, IGNORE_LABEL, dtype=np.int64)
     for k, v in mapping.items():
         if 0 <= k < size:
             lut[k] = v
@@ -456,7 +454,7 @@ class OVPartsDataset:
                 values = sorted(int(v) for v in counts[Path(r.part or "").name])
             else:
                 arr = read_label_png(r.obj or "")
-                values = [int(v) for v in np.unique(arr) if v != IGNORE_INDEX]
+                values = [int(v) for v in np.unique(arr) if v != IGNORE_LABEL]
             for v in values:
                 if v not in self._obj_map:
                     if self.kind == "synthparts" or not 0 <= v < len(PASCAL_PART_116_OBJ_CLASS_NAMES):
@@ -651,16 +649,16 @@ class OVPartsDataset:
         _check_size(shape, part, rec.image, rec.part)
         _check_size(shape, raw_obj, rec.image, rec.obj)
         if self.validate:
-            _check_labels(part, self.vocabulary.num_classes, (IGNORE_INDEX,), rec.part, "part")
-            _check_labels(raw_obj, self._num_raw_objects(), (IGNORE_INDEX,), rec.obj, "object")
+            _check_labels(part, self.vocabulary.num_classes, (IGNORE_LABEL,), rec.part, "part")
+            _check_labels(raw_obj, self._num_raw_objects(), (IGNORE_LABEL,), rec.obj, "object")
         lut = _lut(self._obj_map, 256)
         obj = lut[np.clip(raw_obj, 0, 255)]
-        obj[(raw_obj < 0) | (raw_obj > 255)] = IGNORE_INDEX
-        part = np.where((part >= 0) & (part < self.vocabulary.num_classes), part, IGNORE_INDEX)
+        obj[(raw_obj < 0) | (raw_obj > 255)] = IGNORE_LABEL
+        part = np.where((part >= 0) & (part < self.vocabulary.num_classes), part, IGNORE_LABEL)
         if rec.object_value is not None:
             keep = raw_obj == rec.object_value
-            part = np.where(keep, part, IGNORE_INDEX)
-            obj = np.where(keep, obj, IGNORE_INDEX)
+            part = np.where(keep, part, IGNORE_LABEL)
+            obj = np.where(keep, obj, IGNORE_LABEL)
         return part.astype(np.int64), obj.astype(np.int64)
 
     def _coco_size(self, rec: SampleRecord, shape: tuple[int, ...], source: str) -> tuple[int, int]:
@@ -674,25 +672,25 @@ class OVPartsDataset:
         assert rec.part is not None
         raw = read_label_png(rec.part)
         _check_size(shape, raw, rec.image, rec.part)
-        ignore = (ADE_IGNORE_VALUE, IGNORE_INDEX) if raw.max(initial=0) <= 255 else (ADE_IGNORE_VALUE,)
+        ignore = (ADE_IGNORE_VALUE, IGNORE_LABEL) if raw.max(initial=0) <= 255 else (ADE_IGNORE_VALUE,)
         if self.validate:
             _check_labels(raw, self.vocabulary.num_classes, ignore, rec.part, "part")
-        part = np.where((raw >= 0) & (raw < self.vocabulary.num_classes), raw, IGNORE_INDEX)
+        part = np.where((raw >= 0) & (raw < self.vocabulary.num_classes), raw, IGNORE_LABEL)
         h, w = self._coco_size(rec, shape, "the instance JSON")
-        obj = np.full((h, w), IGNORE_INDEX, dtype=np.int64)
+        obj = np.full((h, w), IGNORE_LABEL, dtype=np.int64)
         for cat, segm in rec.annotations or ():
             obj[segmentation_to_mask(segm, h, w)] = self._obj_map[cat]
         if self.per_object:
-            part = np.where(obj != IGNORE_INDEX, part, IGNORE_INDEX)
+            part = np.where(obj != IGNORE_LABEL, part, IGNORE_LABEL)
         return part.astype(np.int64), obj
 
     def _read_partimagenet(self, rec: SampleRecord, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         h, w = self._coco_size(rec, shape, "the COCO JSON")
-        part = np.full((h, w), IGNORE_INDEX, dtype=np.int64)
+        part = np.full((h, w), IGNORE_LABEL, dtype=np.int64)
         for cat, segm in rec.annotations or ():
             part[segmentation_to_mask(segm, h, w)] = self._part_map[cat]
-        class_obj = np.asarray(self.vocabulary.class_objects + (IGNORE_INDEX,), dtype=np.int64)
-        obj = class_obj[np.where(part == IGNORE_INDEX, len(class_obj) - 1, part)]
+        class_obj = np.asarray(self.vocabulary.class_objects + (IGNORE_LABEL,), dtype=np.int64)
+        obj = class_obj[np.where(part == IGNORE_LABEL, len(class_obj) - 1, part)]
         return part, obj
 
 

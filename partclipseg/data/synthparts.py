@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from runtime.io import IGNORE_LABEL, atomic_write, atomic_write_text
 from runtime.vocabulary import Vocabulary
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-IGNORE = 255  # background / ignore value in both label PNGs (OV-PARTS convention)
 _MARKER = ".synthparts"  # present from the first write on, so an interrupted run is still ours
 _LAYOUT_DIRS = ("images", "annotations_detectron2_part", "annotations_detectron2_obj")
 
@@ -385,8 +384,8 @@ class _Canvas:
         self.n = n
         self.img = background
         self.noise = noise
-        self.part = np.full((n, n), IGNORE, np.uint8)
-        self.obj = np.full((n, n), IGNORE, np.uint8)
+        self.part = np.full((n, n), IGNORE_LABEL, np.uint8)
+        self.obj = np.full((n, n), IGNORE_LABEL, np.uint8)
 
     def paint(self, poly: np.ndarray, to_piece: np.ndarray, look: Callable[[_Pixels], np.ndarray],
               dims: tuple[float, float], tint: np.ndarray, skin: str, light: float,
@@ -582,17 +581,6 @@ def _sample_id(split: str, index: int) -> str:
     return f"{split}_{index:06d}"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    # Same folder as the target, so os.replace is an atomic rename on every platform.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _is_synthparts_dir(out: Path) -> bool:
     if (out / _MARKER).is_file():
         return True
@@ -645,18 +633,19 @@ def generate(out: str | Path, seed: int = 0, n_train: int = 800, n_val: int = 20
                 image, part, obj = render_sample(seed, split, i, image_size)
                 sid = _sample_id(split, i)
                 # 4:4:4 chroma: 4:2:0 would smear the colour of 3-pixel eyes and beaks.
-                _atomic_write(out / "images" / split / f"{sid}.jpg",
-                              lambda p, image=image: Image.fromarray(image).save(
-                                  p, format="JPEG", quality=95, subsampling=0))
+                # Not fsynced: a regenerable dataset, and 3 files per image.
+                atomic_write(out / "images" / split / f"{sid}.jpg",
+                             lambda p, image=image: Image.fromarray(image).save(
+                                 p, format="JPEG", quality=95, subsampling=0), durable=False)
                 for d, lab in (("annotations_detectron2_part", part),
                                ("annotations_detectron2_obj", obj)):
-                    _atomic_write(out / d / split / f"{sid}.png",
-                                  lambda p, lab=lab: Image.fromarray(lab).save(p, format="PNG"))
+                    atomic_write(out / d / split / f"{sid}.png",
+                                 lambda p, lab=lab: Image.fromarray(lab).save(p, format="PNG"),
+                                 durable=False)
                 bar.update(1)
 
     meta = {"dataset": "SynthParts", "format_version": FORMAT_VERSION, "seed": int(seed),
             "image_size": int(image_size), "splits": splits,
             "vocabulary": SYNTHPARTS_VOCABULARY.to_dict()}
-    _atomic_write(out / "classes.json",
-                  lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write_text(out / "classes.json", json.dumps(meta, indent=1) + "\n")
     return out

@@ -16,7 +16,9 @@ from runtime.postprocess import oracle_obj, pred_all
 from runtime.preprocess import preprocess
 from runtime.vocabulary import Vocabulary
 
-from ..data.datasets import IGNORE_INDEX, load_dataset
+from runtime.io import IGNORE_LABEL
+
+from ..data.datasets import load_dataset
 from .metrics import PartSegEvaluator
 
 __all__ = ["SETTINGS", "evaluate", "evaluate_segmenter", "eval_dataset", "oracle_object"]
@@ -33,7 +35,7 @@ def eval_dataset(kind: str, root: str, split: str, setting: str) -> Any:
 
 def oracle_object(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
     """Oracle-Obj's given object of a per-object sample: ((H, W) bool mask, object index)."""
-    present = np.unique(sample["object"][sample["object"] != IGNORE_INDEX])
+    present = np.unique(sample["object"][sample["object"] != IGNORE_LABEL])
     if len(present) != 1:
         raise ValueError(f"sample {sample['name']}: Oracle-Obj needs exactly one object per "
                          f"sample, found {present.tolist()}")

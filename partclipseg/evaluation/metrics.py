@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.io import IGNORE_LABEL
+
 __all__ = [
     "PartSegEvaluator",
     "boundary_dilation",
@@ -109,7 +111,7 @@ class PartSegEvaluator:
         num_classes: int,
         class_seen: Sequence[bool],
         class_names: Sequence[str] | None = None,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_LABEL,
         boundary: bool = True,
         boundary_dilation_ratio: float = 0.02,
         count_other_as_miss: bool = True,

@@ -22,6 +22,7 @@ beside the ViT whose features enter the decoder's tokens and both mask heads (`C
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,7 @@ class PartCLIPSeg(nn.Module):
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, cfg.decoder_heads, cfg.decoder_mlp_dim, cfg.decoder_act)
             for _ in range(n_taps))
-        patch = cfg.vision_cfg.get("patch_size", 16)
+        patch = cfg.patch_size
         self.head = MaskHead(dim, patch, bool(cfg.conv_branch))
         self.conv_branch = ConvBranch(cfg.conv_branch, dim, patch) if cfg.conv_branch else None
         if cfg.mode == "partclipseg":
@@ -148,6 +149,11 @@ class PartCLIPSeg(nn.Module):
                     self.mix[2].bias.fill_(-shift)
             self.film2 = copy.deepcopy(self.film)
             self.head2 = copy.deepcopy(self.head)
+        if cfg.head_prior is not None:
+            with torch.no_grad():
+                for head in (self.head, getattr(self, "head2", None)):
+                    if head is not None:
+                        head.up2.bias.fill_(math.log(cfg.head_prior / (1 - cfg.head_prior)))
         self._freeze_clip()
 
     # -- parameters ----------------------------------------------------------------------------

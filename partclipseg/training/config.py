@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from ..config import CONFIG_DIR, ConfigError, resolve_config_path
 from .losses import LossConfig
 
-__all__ = ["TrainConfig", "DataConfig", "load_train_config"]
+__all__ = ["TrainConfig", "DataConfig", "load_train_config", "apply_overrides"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,6 @@ class TrainConfig:
     # Start from a checkpoint's weights (e.g. `partclipseg import-weights` output); the model
     # is then built from that checkpoint's own config, with `model_overrides` applied.
     init: str | None = None
-    # Start the mask heads' output bias at logit(head_prior) (RetinaNet's prior init) instead
-    # of PyTorch's default, on a fresh model only (not with `init`, not on resume). Each class
-    # channel is positive on a few percent of pixels at most; from p = 0.5 a random-init model
-    # spends its first few hundred steps only pushing every channel down. Off in the paper's
-    # recipe (pretrained CLIP); the CPU demo uses 0.01.
-    head_prior: float | None = None
     # Stage 2 (and its loss) per step: "all" classes (the paper), or "present": the classes of
     # the objects in the batch plus `stage2_negatives` random others (losses.stage2_classes).
     # The clipseg baseline has no stage 2: it always runs every class.
@@ -84,10 +78,6 @@ class TrainConfig:
                         if isinstance(v, str) else "")
                 raise ConfigError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'}"
                                   f" number, got {v!r}{hint}")
-        p = self.head_prior
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
-                              or not 0 < p < 1):
-            raise ConfigError(f"head_prior must be a probability in (0, 1) or null, got {p!r}")
         if self.stage2_classes not in ("all", "present"):
             raise ConfigError(f"stage2_classes must be 'all' or 'present', "
                               f"got {self.stage2_classes!r}")
@@ -145,4 +135,33 @@ def load_train_config(name_or_path: str | Path) -> TrainConfig:
     if not isinstance(d, Mapping):
         raise ConfigError(f"training config {path} must be a mapping of keys (steps: ..., "
                           f"data: ...), got a YAML {type(d).__name__}")
+    return TrainConfig.from_dict(d)
+
+
+def apply_overrides(cfg: TrainConfig, items: Sequence[str]) -> TrainConfig:
+    """`cfg` with `KEY=VALUE` overrides applied in order: the one override mechanism of
+    `partclipseg train --set` and the experiment scripts.
+
+    Values are YAML ("1.0e-3", "true", "[0.5, 1.5]", "null"); a dotted key reaches into a
+    section: "steps=400", "loss.sep=0", "data.root=data/x", "model_overrides.mode=clipseg".
+    The result is validated like a YAML file (unknown keys and bad values raise ConfigError).
+    """
+    d = cfg.to_dict()
+    for item in items:
+        key, eq, raw = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. loss.sep=0)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from e
+        *sections, leaf = key.strip().split(".")
+        node = d
+        for name in sections:
+            if not isinstance(node.get(name), dict):
+                known = sorted(k for k, v in d.items() if isinstance(v, dict))
+                raise ConfigError(f"override {item!r}: {name!r} is not a section (sections: "
+                                  f"{known})")
+            node = node[name]
+        node[leaf] = value
     return TrainConfig.from_dict(d)

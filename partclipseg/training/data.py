@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from runtime.io import IGNORE_LABEL
 from runtime.preprocess import preprocess
 from runtime.vocabulary import Vocabulary
 
-from ..data.datasets import IGNORE_INDEX
 from .losses import DATA_IGNORE
 
 __all__ = ["TrainSamples", "label_maps"]
@@ -25,11 +25,11 @@ def label_maps(src: Vocabulary, dst: Vocabulary) -> tuple[np.ndarray, np.ndarray
     to itself (background).
     """
     dst_names = {n: i for i, n in enumerate(dst.class_names)}
-    cls = np.full(256, IGNORE_INDEX, np.int64)
+    cls = np.full(256, IGNORE_LABEL, np.int64)
     for k, name in enumerate(src.class_names):
-        cls[k] = dst_names.get(name, IGNORE_INDEX)
+        cls[k] = dst_names.get(name, IGNORE_LABEL)
     obj = np.full(256, DATA_IGNORE, np.int64)
-    obj[IGNORE_INDEX] = IGNORE_INDEX
+    obj[IGNORE_LABEL] = IGNORE_LABEL
     for o, name in enumerate(src.objects):
         obj[o] = dst.objects.index(name) if name in dst.objects else DATA_IGNORE
     return cls, obj
@@ -67,7 +67,7 @@ class TrainSamples(torch.utils.data.Dataset):
         part = np.asarray(Image.fromarray(part.astype(np.int32)).resize((nw, nh), Image.NEAREST))
         obj = np.asarray(Image.fromarray(obj.astype(np.int32)).resize((nw, nh), Image.NEAREST))
         canvas_i = np.zeros((max(nh, self.size), max(nw, self.size), 3), np.uint8)
-        canvas_p = np.full(canvas_i.shape[:2], IGNORE_INDEX, np.int64)
+        canvas_p = np.full(canvas_i.shape[:2], IGNORE_LABEL, np.int64)
         canvas_o = np.full(canvas_i.shape[:2], DATA_IGNORE, np.int64)  # padding: unsupervised
         canvas_i[:nh, :nw], canvas_p[:nh, :nw], canvas_o[:nh, :nw] = image, part, obj
         y = rng.integers(0, canvas_i.shape[0] - self.size + 1)

@@ -26,17 +26,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from runtime.io import IGNORE_LABEL
 from runtime.vocabulary import Vocabulary
 
 from ..config import ConfigError
 from ..model.partclipseg import SegOutput
 
 __all__ = ["LossConfig", "PartCLIPSegLoss", "build_targets", "weighted_bce", "softmax_ce",
-           "attention_losses", "stage2_classes", "IGNORE", "DATA_IGNORE", "DATA_BACKGROUND"]
+           "attention_losses", "stage2_classes", "IGNORE", "DATA_IGNORE"]
 
 IGNORE = -1  # no supervision, in loss targets
 DATA_IGNORE = -1  # object label of pixels that must not be supervised (e.g. unseen objects)
-DATA_BACKGROUND = 255  # part label "no part" and object label "background" in dataset arrays
 
 # Maps a local count (a 0-d tensor: valid pixels, object instances) to the normalizer a mean
 # divides by. None = the count itself (one process). Under DistributedDataParallel the trainer
@@ -77,7 +77,7 @@ def build_targets(part: torch.Tensor, obj: torch.Tensor, num_classes: int, num_o
     Returns class_target in [0, K] (K = background) or -1, object_target in [0, O] or -1.
     Pixels inside an object without a part label get no class supervision.
     """
-    background = obj == DATA_BACKGROUND
+    background = obj == IGNORE_LABEL
     ignored = obj == DATA_IGNORE
     has_part = (part >= 0) & (part < num_classes)
     class_t = torch.where(has_part, part, torch.where(background, num_classes, IGNORE))

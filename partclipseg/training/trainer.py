@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from runtime.io import atomic_write, atomic_write_text
+
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.datasets import load_dataset
 from ..evaluation.evaluate import eval_dataset, evaluate
@@ -190,7 +192,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
                 p.unlink(missing_ok=True)
         elif csv_path.is_file():  # rows logged after last.pt was written happen again
             _truncate_csv(csv_path, step)
-        _write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress or rank != 0,
                dynamic_ncols=True)
     stream = _batches(samples, cfg, rank, world, epoch, offset)
@@ -251,16 +253,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
 
 def _remove_stale_temp(out: Path) -> None:
     """Delete the temp files of writes a killed process never finished (atomic_write's
-    `.last.pt.XXXX.tmp`, `.config.json.tmpPID`, ...): the files they were replacing are intact."""
+    `.last.pt.XXXX.tmp`, ...): the files they were replacing are intact."""
     for name in ("last.pt", "best.pt", "config.json", "metrics.csv"):
         for p in out.glob(f".{name}.*tmp*"):
             p.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _global_count(world: int) -> Any:
@@ -275,14 +271,7 @@ def _global_count(world: int) -> Any:
 def _initial_model(cfg: TrainConfig) -> torch.nn.Module:
     """`cfg.model` at random init (or its pretrained towers), or the weights of `cfg.init`."""
     if not cfg.init:
-        model = build_model(cfg.model, **dict(cfg.model_overrides))
-        if cfg.head_prior is not None:
-            bias = math.log(cfg.head_prior / (1 - cfg.head_prior))
-            with torch.no_grad():
-                for head in (model.head, getattr(model, "head2", None)):
-                    if head is not None:
-                        head.up2.bias.fill_(bias)
-        return model
+        return build_model(cfg.model, **dict(cfg.model_overrides))
     from ..config import ModelConfig
 
     record = load_checkpoint(cfg.init)
@@ -323,10 +312,10 @@ def _truncate_csv(path: Path, step: int) -> None:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     keep = rows[:1] + [r for r in rows[1:] if len(r) == 3 and r[2].isdigit() and int(r[2]) <= step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(keep)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+    atomic_write(path, write)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:

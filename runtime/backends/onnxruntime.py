@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import BundleError
+from ..errors import DeviceError
 
 __all__ = ["OnnxRuntimeBackend", "cuda_available"]
 
@@ -38,7 +39,7 @@ class OnnxRuntimeBackend:
                               "(or onnxruntime-gpu for CUDA)") from e
         if device == "cuda":
             if not cuda_available():
-                raise RuntimeError("device='cuda' needs onnxruntime-gpu (`pip install "
+                raise DeviceError("device='cuda' needs onnxruntime-gpu (`pip install "
                                    "onnxruntime-gpu`); installed providers: "
                                    f"{ort.get_available_providers()}")
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": 0}),
@@ -60,7 +61,7 @@ class OnnxRuntimeBackend:
                               "re-export the bundle with python -m export.onnx") from e
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             # ONNX Runtime falls back to the CPU silently when the CUDA libraries do not load.
-            raise RuntimeError(f"ONNX Runtime could not start its CUDA provider for {path} "
+            raise DeviceError(f"ONNX Runtime could not start its CUDA provider for {path} "
                                f"(running on {self.session.get_providers()}): check that the CUDA "
                                "and cuDNN libraries onnxruntime-gpu needs are installed")
         self.device = device

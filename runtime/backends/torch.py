@@ -25,7 +25,9 @@ class TorchBackend:
                  labels: bool = False):
         import torch
 
-        from partclipseg.checkpoint import file_sha256, load_model
+        from partclipseg.checkpoint import load_model
+
+        from ..io import file_sha256
         from partclipseg.model.deploy import DeployModel
 
         if expected_sha256 and file_sha256(checkpoint) != expected_sha256:

@@ -3,24 +3,21 @@
 The CPU demo must learn within about 5 minutes of training on 2 cores; this sweep finds which
 recipe changes buy the most mIoU per step on a fast machine, so the CPU only has to confirm the
 winner. Each variant is a list of config overrides (`KEY=VALUE`, YAML values, one dot for
-sub-keys, as `benchmarks.experiment_method --set`); each run's last.pt is evaluated under
+sub-keys, as `partclipseg train --set`); each run's last.pt is evaluated under
 Oracle-Obj on the whole val split. Results are appended to OUT/sweep.jsonl as runs finish, so a
 sweep cut short by a deadline keeps what it measured.
 
-    python -m benchmarks.recipe_sweep --out /tmp/sweep --device cuda --jobs 6 --deadline 420
+    python -m benchmarks.experiments.recipe_sweep --out /tmp/sweep --device cuda --jobs 6 --deadline 420
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from .experiment_method import apply_overrides
 
 TINY_VISION = {"image_size": 224, "layers": 6, "width": 128, "head_width": 32, "patch_size": 16}
 P8 = json.dumps({**TINY_VISION, "patch_size": 8})
@@ -53,14 +50,13 @@ VARIANTS: dict[str, list[str]] = {
 
 def _config(base: str, data: Path, overrides: list[str], device: str,
             steps: int | None = None) -> Any:
-    from partclipseg.training.config import load_train_config
+    from partclipseg.training.config import apply_overrides, load_train_config
 
-    cfg = load_train_config(base)
-    cfg = cfg.replace(data=dataclasses.replace(cfg.data, root=str(data), val_limit=None),
-                      num_workers=0, amp=False if device != "cpu" else cfg.amp)
-    cfg = apply_overrides(cfg, overrides)
-    if steps:
-        cfg = cfg.replace(steps=steps)
+    common = [f"data.root={json.dumps(str(data))}", "data.val_limit=null", "num_workers=0"]
+    if device != "cpu":
+        common.append("amp=false")
+    cfg = apply_overrides(load_train_config(base),
+                          common + overrides + ([f"steps={steps}"] if steps else []))
     return cfg.replace(eval_every=max(1, cfg.steps // 4))
 
 

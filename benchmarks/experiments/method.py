@@ -5,7 +5,7 @@ budget and seeds, then its final weights (last.pt: no checkpoint selection on th
 are evaluated on the whole SynthParts val split under Oracle-Obj and Pred-All:
 seen mIoU, unseen mIoU, h-IoU.
 
-    python -m benchmarks.experiment_method --out benchmarks/results/method --seeds 0 1
+    python -m benchmarks.experiments.method --out benchmarks/results/method --seeds 0 1
 
 writes OUT/method.json (everything, per run and mean/std per variant) and OUT/method.md
 (the table), atomically, and keeps each run's folder under OUT/runs/ (not meant for git).
@@ -18,7 +18,6 @@ partclipseg_no_enh (L_enh weight 0). Runs go to --jobs worker processes (spawned
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import json
 import math
@@ -29,55 +28,32 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from typing import Any
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "partclipseg": {},
-    "clipseg": {"mode": "clipseg"},
-    "partclipseg_no_sep": {"sep": 0.0},
-    "partclipseg_no_enh": {"enh": 0.0},
+from runtime.io import atomic_write_text
+
+# Each variant is a list of config overrides (`partclipseg train --set`).
+VARIANTS: dict[str, list[str]] = {
+    "partclipseg": [],
+    "clipseg": ["model_overrides.mode=clipseg"],
+    "partclipseg_no_sep": ["loss.sep=0.0"],
+    "partclipseg_no_enh": ["loss.enh=0.0"],
 }
 SETTINGS = ("oracle-obj", "pred-all")
 METRICS = ("miou_seen", "miou_unseen", "h_iou")
 
 
 def _config(args: argparse.Namespace, variant: str, seed: int) -> Any:
-    from partclipseg.training.config import load_train_config
+    from partclipseg.training.config import apply_overrides, load_train_config
 
-    cfg = load_train_config(args.config)
-    v = VARIANTS[variant]
-    changes: dict[str, Any] = {"seed": seed, "num_workers": args.num_workers,
-                               "data": dataclasses.replace(cfg.data, root=str(args.data))}
+    common = [f"seed={seed}", f"num_workers={args.num_workers}",
+              f"data.root={json.dumps(str(args.data))}"]
     if args.steps:
-        changes.update(steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
-    if args.lr:
-        changes["lr"] = args.lr
+        common.append(f"steps={args.steps}")
     if args.device != "cpu":
-        changes["amp"] = False  # same numerics as the CPU demo
-    cfg = apply_overrides(cfg.replace(**changes), args.set or [])
-    changes = {}
-    if "mode" in v:
-        changes["model_overrides"] = {**cfg.model_overrides, "mode": v["mode"]}
-    if "sep" in v or "enh" in v:
-        changes["loss"] = dataclasses.replace(cfg.loss, sep=v.get("sep", cfg.loss.sep),
-                                              enh=v.get("enh", cfg.loss.enh))
-    return cfg.replace(**changes)
-
-
-def apply_overrides(cfg: Any, items: list[str]) -> Any:
-    """TrainConfig with `KEY=VALUE` overrides applied in order (YAML values, one dot for
-    sub-keys): ["loss.background_weight=1.0", "model_overrides.adapters=false", "steps=400"]."""
-    for item in items:
-        key, _, raw = item.partition("=")
-        val = yaml.safe_load(raw)
-        head, _, leaf = key.partition(".")
-        if leaf:
-            sub = getattr(cfg, head)
-            val = ({**sub, leaf: val} if isinstance(sub, dict)
-                   else dataclasses.replace(sub, **{leaf: val}))
-        cfg = cfg.replace(**{head: val})
-    return cfg
+        common.append("amp=false")  # same numerics as the CPU demo
+    return apply_overrides(load_train_config(args.config),
+                           common + (args.set or []) + VARIANTS[variant])
 
 
 def run_one(job: tuple[argparse.Namespace, str, int]) -> dict[str, Any]:
@@ -140,13 +116,6 @@ def table(summary: dict[str, Any], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/method")
@@ -155,14 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--steps", type=int, help="override the config's steps")
-    p.add_argument("--lr", type=float, help="override the config's lr")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)),
                    help="torch threads per run")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers per run")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides for every run (YAML values, one dot for sub-keys)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, repeatable (as partclipseg train --set)")
     p.add_argument("--name", default="method", help="file stem of the JSON / markdown")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -191,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"device": args.device, "cpu_count": os.cpu_count(),
                         "gpu": torch.cuda.get_device_name(0) if args.device != "cpu" else None,
                         "python": platform.python_version(), "torch": torch.__version__},
-            "command": "python -m benchmarks.experiment_method " + " ".join(
+            "command": "python -m benchmarks.experiments.method " + " ".join(
                 sys.argv[1:] if argv is None else argv),
             "config": _config(args, "partclipseg", args.seeds[0]).to_dict(),
             "checkpoint": "last.pt (final weights, no selection on val)",
             "seeds": args.seeds, "wall_s": round(time.perf_counter() - t0, 1),
             "complete": len(runs) == len(jobs), "summary": summary, "runs": runs,
         }
-        _atomic_write(out / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(out / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
         return summary
 
     if args.jobs > 1:
@@ -214,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
     summary = write()
     md = table(summary, args.seeds)
-    _atomic_write(out / f"{args.name}.md", md + "\n")
+    atomic_write_text(out / f"{args.name}.md", md + "\n")
     print(md)
     return 0
 
