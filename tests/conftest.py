@@ -1,16 +1,20 @@
-"""Shared fixtures: a small vocabulary, tiny random-init models and a synthetic labelled batch."""
+"""Shared fixtures: the test vocabulary, a synthetic labelled batch, random-init checkpoints and
+their bundles (one factory for every model size), a SynthParts set for training runs.
+
+Model sizes: "tiny" (the package's CPU model) for parity and behaviour tests; "micro" (3-block
+64-wide ViT at 64 px, ~5 ms a prediction) where a test runs the model hundreds of times (fuzzing,
+threads, training runs). Session fixtures are read-only: copy a bundle before changing it.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from runtime.vocabulary import Vocabulary
 
-VOCAB = Vocabulary.from_names(
-    [("red quadruped", "head"), ("red quadruped", "leg"), ("red quadruped", "eye"),
-     ("blue bird", "head"), ("blue bird", "wing"), ("blue bird", "beak"), ("blue bird", "eye")],
-    unseen_objects=["blue bird"],
-)
+from .support import VOCAB
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +27,7 @@ def torch():
     return pytest.importorskip("torch")
 
 
-def make_batch(torch, size: int = 160, batch: int = 2, seed: int = 0):
+def _make_batch(torch, size: int = 160, batch: int = 2, seed: int = 0):
     """Images (B, 3, S, S) plus part/object labels drawing two objects with their parts.
 
     Part labels index VOCAB classes (255 = none); object labels index VOCAB.objects
@@ -45,34 +49,84 @@ def make_batch(torch, size: int = 160, batch: int = 2, seed: int = 0):
     return images, part, obj
 
 
-# -- checkpoints and bundles (export / runtime tests) ------------------------------------------
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory, torch):
+def make_batch():
+    """`make_batch(torch, size=160, batch=2, seed=0)` -> (images, part labels, object labels)."""
+    return _make_batch
+
+
+# -- checkpoints and bundles: one factory each ---------------------------------------------------
+def make_checkpoint(tmp_dir: Path, size: str = "tiny", mode: str = "partclipseg", seed: int = 0,
+                    vocab: Vocabulary = VOCAB) -> Path:
+    """A random-init model of config `size` ("tiny", "micro", ...) and `mode` ("partclipseg"
+    or "clipseg"), built after `torch.manual_seed(seed)`, saved over `vocab` in `tmp_dir`."""
+    torch = pytest.importorskip("torch")
+    from partclipseg.checkpoint import save_checkpoint
+    from partclipseg.model import build_model
+
+    torch.manual_seed(seed)
+    return save_checkpoint(Path(tmp_dir) / f"{size}_{mode}_seed{seed}.pt",
+                           build_model(size, mode=mode), vocab)
+
+
+def make_bundle(ckpt: Path, out: Path, labels: bool = False) -> Path:
+    """FP32 + FP16 ONNX bundle of `ckpt` in folder `out` (`labels`: with label-map graphs)."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx import export_onnx
+
+    export_onnx(ckpt, out, labels=labels)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
     """A random-init tiny PartCLIPSeg checkpoint over VOCAB."""
-    from partclipseg.checkpoint import save_checkpoint
-    from partclipseg.model import build_model
-
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", build_model("tiny"), VOCAB)
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
-def tiny_clipseg_ckpt(tmp_path_factory, torch):
-    from partclipseg.checkpoint import save_checkpoint
-    from partclipseg.model import build_model
+def tiny_clipseg_ckpt(tmp_path_factory):
+    """A random-init tiny CLIPSeg-baseline checkpoint over VOCAB."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny", mode="clipseg", seed=1)
 
-    torch.manual_seed(1)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "clipseg.pt",
-                           build_model("tiny", mode="clipseg"), VOCAB)
+
+@pytest.fixture(scope="session")
+def micro_ckpt(tmp_path_factory):
+    """A random-init micro PartCLIPSeg checkpoint over VOCAB."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "micro", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_ckpt):
-    """FP32 + FP16 ONNX bundle of `tiny_ckpt` with label-map graphs (read-only: copy it before
-    changing it)."""
-    pytest.importorskip("onnxruntime")
-    from export.onnx import export_onnx
+    """Bundle of `tiny_ckpt` with label-map graphs."""
+    return make_bundle(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "tiny", labels=True)
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_onnx(tiny_ckpt, out, labels=True)
-    return out
+
+@pytest.fixture(scope="session")
+def micro_bundle(tmp_path_factory, micro_ckpt):
+    """Bundle of `micro_ckpt` (no label-map graphs)."""
+    return make_bundle(micro_ckpt, tmp_path_factory.mktemp("bundle") / "micro")
+
+
+@pytest.fixture(scope="session")
+def micro_seg(micro_bundle):
+    """A `runtime.Segmenter` on `micro_bundle`: ONNX Runtime FP32, one thread."""
+    from runtime import Segmenter
+
+    return Segmenter.load(micro_bundle, backend="onnxruntime", threads=1)
+
+
+# -- data -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A 64 px SynthParts set (16 train, 4 val images, seed 0) for micro training runs."""
+    from partclipseg.data.synthparts import generate
+
+    return generate(tmp_path_factory.mktemp("synthparts"), seed=0, n_train=16, n_val=4,
+                    image_size=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fuzz_dir(tmp_path_factory) -> Path:
+    """A scratch folder the fuzzing tests overwrite example after example."""
+    return tmp_path_factory.mktemp("fuzz")

@@ -7,8 +7,6 @@ import pickle
 
 import pytest
 
-from conftest import make_batch
-
 torch = pytest.importorskip("torch")
 
 from partclipseg.checkpoint import (CheckpointError, atomic_write, load_checkpoint,  # noqa: E402
@@ -25,7 +23,7 @@ def ckpt(tmp_path_factory, vocab):
     return path, model
 
 
-def test_round_trip_gives_identical_outputs(ckpt, vocab):
+def test_round_trip_gives_identical_outputs(ckpt, vocab, make_batch):
     path, model = ckpt
     loaded, vocab2, record = load_model(path)
     assert vocab2 == vocab

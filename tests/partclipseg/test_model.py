@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_batch
-
 torch = pytest.importorskip("torch")
 
 from partclipseg.config import ConfigError, load_model_config  # noqa: E402
@@ -20,7 +18,7 @@ def models():
 
 
 @pytest.mark.parametrize("mode", ["partclipseg", "clipseg"])
-def test_output_shapes(models, vocab, mode):
+def test_output_shapes(models, vocab, mode, make_batch):
     m = models[mode]
     x, _, _ = make_batch(torch)
     out = m(x, vocab, need_attention=True)
@@ -42,7 +40,7 @@ def test_vit_is_trimmed_and_pos_embed_resized(models):
     assert m.vit.positional_embedding.shape == (1 + m.cfg.grid_size ** 2, m.cfg.vision_width)
 
 
-def test_attention_maps_are_probabilities(models, vocab):
+def test_attention_maps_are_probabilities(models, vocab, make_batch):
     m = models["partclipseg"]
     x, _, _ = make_batch(torch)
     attn = m(x, vocab, need_attention=True).attention
@@ -57,7 +55,7 @@ def test_attention_maps_are_probabilities(models, vocab):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_conditions_are_independent_batch_members(models, vocab):
+def test_conditions_are_independent_batch_members(models, vocab, make_batch):
     """A class's logits do not depend on which other classes are in the vocabulary."""
     m = models["partclipseg"]
     x, _, _ = make_batch(torch)
@@ -69,7 +67,7 @@ def test_conditions_are_independent_batch_members(models, vocab):
     torch.testing.assert_close(sub[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_reach_all_trainable_and_no_frozen(models, vocab):
+def test_gradients_reach_all_trainable_and_no_frozen(models, vocab, make_batch):
     m = models["partclipseg"]
     m.zero_grad(set_to_none=True)
     x, part, obj = make_batch(torch)
@@ -91,7 +89,7 @@ def test_gradients_reach_all_trainable_and_no_frozen(models, vocab):
     m.zero_grad(set_to_none=True)
 
 
-def test_clipseg_baseline_gradients(models, vocab):
+def test_clipseg_baseline_gradients(models, vocab, make_batch):
     m = models["clipseg"]
     m.zero_grad(set_to_none=True)
     x, part, obj = make_batch(torch)
@@ -113,7 +111,7 @@ def test_stage2_starts_as_copy_of_stage1(models):
         torch.testing.assert_close(a, b)
 
 
-def test_mlp_mix_trains_with_the_losses(vocab):
+def test_mlp_mix_trains_with_the_losses(vocab, make_batch):
     """The released code's variants (MLP Mix, adapter output ReLU): forward, losses, backward."""
     torch.manual_seed(0)
     m = build_model("tiny", mix="mlp", adapter_out_relu=True)
@@ -131,7 +129,7 @@ def test_mlp_mix_trains_with_the_losses(vocab):
     assert no_grad == []
 
 
-def test_mlp_mix_starts_as_the_linear_mix_average(vocab):
+def test_mlp_mix_starts_as_the_linear_mix_average(vocab, make_batch):
     """Both Mix versions start as the average of [F_p ; F_o]: same stage-2 logits at init."""
     torch.manual_seed(0)
     lin = build_model("tiny").eval()
@@ -182,7 +180,7 @@ def test_config_errors():
         load_model_config("tiny", vision_cfg={**vision, "patch_size": 6})
 
 
-def test_smaller_patches_keep_the_output_at_input_resolution(vocab):
+def test_smaller_patches_keep_the_output_at_input_resolution(vocab, make_batch):
     """Patch 8: twice the token grid, and the mask head upsamples 8x instead of 16x."""
     vision = load_model_config("tiny").vision_cfg
     m = build_model("tiny", vision_cfg={**vision, "patch_size": 8})
@@ -208,7 +206,7 @@ def test_vit_b16_builds_and_runs(vocab):
     assert out.logits.shape == (1, vocab.num_classes + 1, 352, 352)
 
 
-def test_conv_branch_shapes_gradients_and_off_switch(vocab):
+def test_conv_branch_shapes_gradients_and_off_switch(vocab, make_batch):
     """conv_branch > 0 (the tiny model's 32) adds a convolutional encoder feeding both heads
     (stride 4) and the decoder's tokens (grid); 0 keeps the paper's model, without its
     parameters."""
@@ -244,7 +242,7 @@ def test_conv_branch_shapes_gradients_and_off_switch(vocab):
     assert not any(k.startswith("conv_branch.") or ".gate." in k for k in plain.state_dict())
 
 
-def test_stage2_class_selection_equals_the_full_forward(models, vocab):
+def test_stage2_class_selection_equals_the_full_forward(models, vocab, make_batch):
     """forward(classes=...) runs stage 2 for those classes only: the same logits as the full
     forward's rows, in that order, background last."""
     m = models["partclipseg"]

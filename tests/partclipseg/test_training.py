@@ -26,15 +26,6 @@ from partclipseg.training.losses import LossConfig  # noqa: E402
 from partclipseg.training.trainer import epoch_indices, train  # noqa: E402
 
 
-
-@pytest.fixture(scope="session")
-def synth_root(tmp_path_factory) -> Path:
-    from partclipseg.data.synthparts import generate
-
-    return generate(tmp_path_factory.mktemp("synthparts"), seed=0, n_train=16, n_val=4,
-                    image_size=64, progress=False)
-
-
 def micro_config(root: Path, **changes) -> TrainConfig:
     cfg = TrainConfig(model="micro",
                       data=DataConfig(root=str(root), val_limit=4), steps=6, batch_size=4,
@@ -232,7 +223,7 @@ def test_bad_train_configs_are_refused_clearly(bad, match):
         TrainConfig.from_dict(bad)
 
 
-def test_training_starts_from_an_init_checkpoint(tmp_path, torch):
+def test_training_starts_from_an_init_checkpoint(tmp_path, torch, vocab):
     """`init:` (e.g. import-weights output) seeds the model with that checkpoint's weights."""
     from partclipseg.checkpoint import save_checkpoint
     from partclipseg.model import build_model
@@ -241,7 +232,6 @@ def test_training_starts_from_an_init_checkpoint(tmp_path, torch):
 
     torch.manual_seed(5)
     src = build_model("tiny")
-    vocab = __import__("conftest").VOCAB
     init = save_checkpoint(tmp_path / "init.pt", src, vocab)
     model = _initial_model(TrainConfig(model="tiny", init=str(init)))
     for (n, a), b in zip(src.state_dict().items(), model.state_dict().values()):
