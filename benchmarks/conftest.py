@@ -153,7 +153,7 @@ def bench_bundle(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathF
         from runtime.bundle import read_manifest
 
         manifest = read_manifest(opts.bundle)  # clear BundleError when it is not a bundle
-        ck = opts.checkpoint or Path(manifest.raw.get("checkpoint", {}).get("path", ""))
+        ck = opts.checkpoint or Path(manifest.checkpoint.path if manifest.checkpoint else "")
         return BenchBundle(opts.bundle, ck if ck.is_file() else None, f"--bundle {opts.bundle}")
     from benchmarks.reference import build_bundle, synthparts_vocabulary
 
@@ -245,7 +245,7 @@ def environment(bench_options: BenchOptions, bench_bundle: BenchBundle) -> dict[
     m = read_manifest(bench_bundle.path)
     v = m.vocabulary
     return {"device": bench_options.device, "device_name": _device_name(bench_options.device),
-            "versions": _versions(), "model": m.raw.get("model_config", {}).get("name"),
+            "versions": _versions(), "model": m.model_name,
             "model_source": bench_bundle.source, "input_size": m.input_size,
             "vocabulary": {"classes": v.num_classes, "parts": len(v.parts),
                            "objects": len(v.objects)}}

@@ -20,8 +20,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from runtime.bundle import Manifest
 from runtime.vocabulary import Vocabulary
 
 __all__ = ["BuiltBundle", "reference_vocabulary", "synthparts_vocabulary", "write_random_checkpoint",
@@ -34,7 +35,7 @@ class BuiltBundle:
 
     bundle: Path
     checkpoint: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     seconds: dict[str, float]  # {"checkpoint": s, "export": s}
 
 
@@ -113,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--check-batch must be >= 1")
     built = build_bundle(a.out, a.config, seed=a.seed, fp16=not a.no_fp16,
                          check_batch=a.check_batch)
-    v = Vocabulary.from_dict(built.manifest["vocabulary"])
+    v = built.manifest.vocabulary
     print(f"reference bundle: {built.bundle} ({v.num_classes} classes, {len(v.parts)} parts, "
-          f"{len(v.objects)} objects, input {built.manifest['input_size']}); checkpoint "
+          f"{len(v.objects)} objects, input {built.manifest.input_size}); checkpoint "
           f"{built.checkpoint}; checkpoint {built.seconds['checkpoint']:.1f} s, export "
           f"{built.seconds['export']:.1f} s")
     return 0

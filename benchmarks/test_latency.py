@@ -43,7 +43,7 @@ def _run(benchmark: Any, fn: Any, route: Route, batch: int, call: str, seg: Any,
     benchmark.group = f"{route.backend}/{route.precision}/b{batch}"
     benchmark.extra_info.update(environment)
     benchmark.extra_info.update(backend=seg.backend_name, route=route.id, call=call, batch=batch,
-                                chunks=len(seg._select(None).chunks))
+                                chunks=len(seg.feeds()))
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
     if benchmark.stats is not None:  # None under --benchmark-disable
         median_ms = 1e3 * benchmark.stats.stats.median

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -26,7 +26,7 @@ except ImportError:  # Windows: no stale-staging cleanup
     fcntl = None  # type: ignore[assignment]
 
 from runtime.io import atomic_write, atomic_write_text
-from runtime.bundle import MANIFEST, file_entry
+from runtime.bundle import MANIFEST, Manifest, read_manifest
 
 __all__ = ["staged_bundle", "clean_stale_staging", "write_manifest", "write_vocab", "update_manifest"]
 
@@ -139,18 +139,17 @@ def write_vocab(root: Path, arrays: dict[str, np.ndarray], name: str = "vocab.np
     return atomic_write(Path(root) / name, write)
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
-    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Atomically write `manifest` as root/manifest.json (write it after the files it lists)."""
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
     return atomic_write_text(Path(root) / MANIFEST, text)
 
 
-def update_manifest(root: Path, changes: dict[str, Any], files: dict[str, str] | None = None
-                    ) -> dict[str, Any]:
-    """Merge `changes` into root/manifest.json and (re)record `files` {key: file name}."""
+def update_manifest(root: Path, files: Mapping[str, str] | None = None, **changes: Any
+                    ) -> Manifest:
+    """root's manifest with `changes` (Manifest fields) and `files` ({key: file name}, recorded
+    as they are now), written back; returns it."""
     root = Path(root)
-    manifest = json.loads((root / MANIFEST).read_text())
-    manifest.update(changes)
-    for key, name in (files or {}).items():
-        manifest["files"][key] = file_entry(root, name)
+    manifest = read_manifest(root).replace(**changes).with_files(root, files or {})
     write_manifest(root, manifest)
     return manifest

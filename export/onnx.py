@@ -77,20 +77,20 @@ def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int) -
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _input_shapes(mode: str, size: int, dim: int, image_dtype: str) -> dict[str, Any]:
-    """Manifest record of the graph inputs: {name: {"shape", "dtype"}}, symbolic dimensions as
-    "B" (batch), "P" (parts), "O+1" (objects + background), "K" (classes)."""
+def _input_specs(mode: str, size: int, dim: int, image_dtype: str) -> dict[str, Any]:
+    """{name: TensorSpec} of the graph inputs, symbolic dimensions as "B" (batch), "P" (parts),
+    "O+1" (objects + background), "K" (classes)."""
     from runtime import bundle as spec
 
-    rows = {spec.PART_FILM: ["P", dim], spec.OBJECT_FILM: ["O+1", dim],
-            spec.CLASS_FILM: ["K", dim], spec.CLASS_INDEX: ["K"]}
-    shapes = {spec.IMAGE: {"shape": ["B", size, size, 3], "dtype": image_dtype}}
+    rows = {spec.PART_FILM: ("P", dim), spec.OBJECT_FILM: ("O+1", dim),
+            spec.CLASS_FILM: ("K", dim), spec.CLASS_INDEX: ("K",)}
+    specs = {spec.IMAGE: spec.TensorSpec(("B", size, size, 3), image_dtype)}
     for names, shape in rows.items():
         for n in names:
             if n in spec.inputs_for_mode(mode):
-                shapes[n] = {"shape": shape,
-                             "dtype": "int64" if names == spec.CLASS_INDEX else "float32"}
-    return shapes
+                specs[n] = spec.TensorSpec(shape, "int64" if names == spec.CLASS_INDEX
+                                           else "float32")
+    return specs
 
 
 def _finish_graph(path: Path) -> Any:
@@ -146,8 +146,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                 image_dtype: str = "uint8", fp16: bool = True, labels: bool = False,
                 check_batch: int = 2,
                 fp32_tolerance: float = FP32_TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE,
-                ) -> dict[str, Any]:
-    """Write a bundle for checkpoint `ckpt` to folder `out`; returns the manifest dict.
+                ) -> Any:
+    """Write a bundle for checkpoint `ckpt` to folder `out`; returns its `runtime.bundle.Manifest`.
 
     image_size: model input side (default: the checkpoint's); position embeddings are resized.
     image_dtype: "uint8" or "float32" for the image input (both RGB, 0-255, (B, S, S, 3)).
@@ -192,20 +192,20 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         trace_in = example_inputs(size, arrays, batch=1, seed=0, dtype=image_dtype)
         check_in = example_inputs(size, arrays, batch=check_batch, seed=1, dtype=image_dtype)
         names = spec.inputs_for_mode(mode)
-        variants = [(False, "", spec.ONNX_FP32, spec.ONNX_FP16)]
-        if labels:
-            variants.append((True, "_labels", spec.ONNX_FP32_LABELS, spec.ONNX_FP16_LABELS))
         files = {"vocab": spec.VOCAB_FILE}
-        for is_labels, suffix, fp32_name, fp16_name in variants:
+        for is_labels in (False, True) if labels else (False,):
+            suffix = "_labels" if is_labels else ""
+            (fp32_key, fp32_name), (fp16_key, fp16_name) = (
+                spec.graph_file(p, is_labels) for p in ("fp32", "fp16"))
             graph_model = DeployModel(model, CLIP_MEAN, CLIP_STD, labels=is_labels).eval()
             t = time.perf_counter()
             _trace(graph_model, trace_in, stage / fp32_name, opset)
             _log(f"  {fp32_name}: traced in {time.perf_counter() - t:.1f} s")
             graph = _finish_graph(stage / fp32_name)
-            files[f"onnx_fp32{suffix}"] = fp32_name
+            files[fp32_key] = fp32_name
             if fp16:
                 _to_fp16(graph, stage / fp16_name)
-                files[f"onnx_fp16{suffix}"] = fp16_name
+                files[fp16_key] = fp16_name
             # Parity on images the trace never saw.
             with torch.no_grad():
                 ref = [o.numpy() for o in graph_model(*(torch.from_numpy(check_in[n])
@@ -230,27 +230,23 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                     raise ExportError(f"{name} disagrees with PyTorch ({shown}); the bundle was "
                                       "not written (the previous one, if any, is untouched)")
 
-        shapes = _input_shapes(mode, size, model.cfg.reduce_dim, image_dtype)
-        manifest = {
-            "format": spec.FORMAT, "format_version": spec.FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "mode": mode, "input_size": size, "image_dtype": image_dtype,
-            "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-            "vocabulary": vocab.to_dict(), "model_config": model.cfg.to_dict(),
-            "checkpoint": {"path": str(ckpt.absolute()), "sha256": file_sha256(ckpt)},
-            "inputs": shapes,
-            "outputs": {**{n: {"shape": ["B", "K+1" if n == spec.LOGITS else "O+1", size, size],
-                               "dtype": "float32"} for n in spec.outputs_for_mode(mode)},
-                        **({spec.LABELS: {"shape": ["B", size, size], "dtype": "int32"}}
-                           if labels else {})},
-            "onnx": {"opset": opset, "fp16_kept_fp32_ops": FP16_KEEP_FP32, "parity": parities},
-            "precisions": ["fp32"] + (["fp16"] if fp16 else []),
-            "producer": _versions(),
-            "files": {k: spec.file_entry(stage, v) for k, v in files.items()},
-        }
+        outputs = {n: spec.TensorSpec(("B", "K+1" if n == spec.LOGITS else "O+1", size, size),
+                                      "float32") for n in spec.outputs_for_mode(mode)}
+        if labels:
+            outputs[spec.LABELS] = spec.TensorSpec(("B", size, size), "int32")
+        manifest = spec.Manifest(
+            mode=mode, input_size=size, vocabulary=vocab, files={}, image_dtype=image_dtype,
+            mean=CLIP_MEAN, std=CLIP_STD,
+            inputs=_input_specs(mode, size, model.cfg.reduce_dim, image_dtype), outputs=outputs,
+            model_config=model.cfg.to_dict(),
+            checkpoint=spec.CheckpointRef(str(ckpt.absolute()), file_sha256(ckpt)),
+            onnx=spec.OnnxInfo(opset, tuple(FP16_KEEP_FP32), parities),
+            precisions=("fp32", "fp16") if fp16 else ("fp32",), producer=_versions(),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        ).with_files(stage, files)
         write_manifest(stage, manifest)
     _log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s")
-    return manifest
+    return manifest.replace(path=Path(out) / spec.MANIFEST)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from runtime import bundle as spec
+from runtime.bundle import Manifest
 from runtime.errors import UserError, run_command
 from runtime.io import atomic_write
 
@@ -31,27 +33,24 @@ def _log(msg: str) -> None:
     print(f"[export.trt] {msg}", flush=True)
 
 
-def profile_shapes(manifest: dict[str, Any], min_batch: int, opt_batch: int, max_batch: int,
+def profile_shapes(manifest: Manifest, min_batch: int, opt_batch: int, max_batch: int,
                    max_classes: int) -> dict[str, list[list[int]]]:
     """{input: [min, opt, max] shapes}: batch over [min, max]; each class dimension over
     [1, max_classes] (objects + background over [2, max_classes + 1]), optimal at the bundle's
     own vocabulary."""
-    from runtime import bundle as spec
-    from runtime.vocabulary import Vocabulary
-
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min-batch ({min_batch}) <= opt-batch ({opt_batch}) <= "
                          f"max-batch ({max_batch})")
-    vocab = Vocabulary.from_dict(manifest["vocabulary"])
-    clipseg = manifest["mode"] == "clipseg"
+    vocab = manifest.vocabulary
+    clipseg = manifest.mode == "clipseg"
     n = {"P": len(vocab.parts), "O+1": (vocab.num_classes if clipseg else len(vocab.objects)) + 1,
          "K": vocab.num_classes}
     if max(n["P"], n["K"], n["O+1"] - 1) > max_classes:
         raise ValueError(f"--max-classes {max_classes} is below the bundle's own vocabulary "
                          f"({n['K']} classes, {n['P']} parts, {n['O+1'] - 1} objects)")
     shapes = {}
-    for name, info in manifest["inputs"].items():
-        dims = info["shape"]
+    for name, info in manifest.inputs.items():
+        dims = info.shape
         if name == spec.IMAGE:
             rest = [int(d) for d in dims[1:]]
             shapes[name] = [[b] + rest for b in (min_batch, opt_batch, max_batch)]
@@ -101,11 +100,8 @@ def engine_bytes(onnx_path: str | Path, shapes: dict[str, list[list[int]]],
 def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: int = 1,
                  opt_batch: int = 1, max_batch: int = 8, max_classes: int = 128,
                  workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
-                 precision: str = "fp16", flavour: str | None = None) -> dict[str, Any]:
+                 precision: str = "fp16", flavour: str | None = None) -> Manifest:
     """Build `bundle/model.engine` from the bundle's ONNX; returns the updated manifest."""
-    import json
-
-    from runtime import bundle as spec
     from runtime.backends.tensorrt import current_gpu, import_tensorrt
 
     from .bundle import update_manifest
@@ -113,15 +109,14 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
 
     trt, flav = import_tensorrt(flavour)  # fails early, naming the pip extra
     bundle = Path(bundle)
-    onnx_key = {"fp16": "onnx_fp16", "fp32": "onnx_fp32"}[precision]
+    onnx_key, _ = spec.graph_file(precision)
     if not (bundle / spec.MANIFEST).is_file():
         if ckpt is None:
             raise FileNotFoundError(f"{bundle} is not a bundle and no --ckpt was given to "
                                     "export one")
         export_onnx(ckpt, bundle)
-    manifest_obj = spec.read_manifest(bundle)
-    onnx_path = manifest_obj.file(onnx_key)
-    manifest = json.loads((bundle / spec.MANIFEST).read_text())
+    manifest = spec.read_manifest(bundle)
+    onnx_path = manifest.file(onnx_key)
     shapes = profile_shapes(manifest, min_batch, opt_batch, max_batch, max_classes)
 
 
@@ -136,12 +131,11 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
     files = {"engine": spec.ENGINE}
     if cache.parent.resolve() == bundle.resolve() and cache.is_file():
         files["timing_cache"] = cache.name
-    manifest = update_manifest(bundle, {"engine": {
-        "tensorrt": {"flavour": flav, "version": trt.__version__},
-        "gpu": current_gpu(),  # None: built on a machine without a GPU (TensorRT-RTX)
-        "precision": precision, "strongly_typed": True, "onnx": onnx_path.name,
-        "profiles": [shapes], "max_classes": max_classes, "max_batch": max_batch,
-        "build_seconds": round(build_s, 2)}}, files)
+    manifest = update_manifest(bundle, files, engine=spec.EngineInfo(
+        flavour=flav, version=trt.__version__,
+        gpu=current_gpu(),  # None: built on a machine without a GPU (TensorRT-RTX)
+        precision=precision, onnx=onnx_path.name, profiles=(shapes,), max_classes=max_classes,
+        max_batch=max_batch, strongly_typed=True, build_seconds=round(build_s, 2)))
     _log(f"manifest updated: {bundle / spec.MANIFEST}")
     return manifest
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 from runtime.errors import run_command
 
 if TYPE_CHECKING:
+    from runtime.bundle import Manifest
     from runtime.vocabulary import Vocabulary
 
 __all__ = ["read_class_file", "set_vocabulary", "build_parser", "main"]
@@ -61,7 +62,7 @@ def read_class_file(path: str | Path) -> Vocabulary:
 
 
 def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,
-                   allow_other_checkpoint: bool = False) -> dict:
+                   allow_other_checkpoint: bool = False) -> "Manifest":
     """Write the text side of `vocab` into `bundle`; returns the new manifest.
 
     The new vocab file gets a new name and the manifest (written last) switches to it, so a
@@ -78,7 +79,7 @@ def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,
 
     manifest = spec.read_manifest(bundle)
     root = manifest.root
-    want = manifest.raw.get("checkpoint", {}).get("sha256")
+    want = manifest.checkpoint.sha256 if manifest.checkpoint else None
     if want and file_sha256(ckpt) != want and not allow_other_checkpoint:
         raise ValueError(f"{ckpt} is not the checkpoint {root} was exported from: its text "
                          "vectors would not match the graph's weights (pass "
@@ -90,16 +91,15 @@ def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,
     digest = hashlib.sha256(json.dumps(vocab.to_dict(), sort_keys=True).encode()).hexdigest()
     name = f"vocab-{digest[:10]}.npz"
     write_vocab(root, arrays, name)
-    old = manifest.files["vocab"]["path"]
-    new = update_manifest(root, {"vocabulary": vocab.to_dict()}, {"vocab": name})
+    old = manifest.files["vocab"].path
+    new = update_manifest(root, {"vocab": name}, vocabulary=vocab)
     if old != name:
         (root / old).unlink(missing_ok=True)
     print(f"[export.vocab] {root}: {vocab.num_classes} classes ({len(vocab.objects)} objects, "
           f"{len(vocab.parts)} parts) -> {name}")
-    engine = new.get("engine") or {}
     worst = max(len(vocab.parts), len(vocab.objects), vocab.num_classes)
-    if engine and worst > engine.get("max_classes", worst):
-        print(f"[export.vocab] note: more than the engine's {engine['max_classes']} classes; "
+    if new.engine is not None and worst > new.engine.max_classes:
+        print(f"[export.vocab] note: more than the engine's {new.engine.max_classes} classes; "
               "the TensorRT backend will run it in chunks")
     return new
 

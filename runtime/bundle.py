@@ -3,7 +3,8 @@
 A bundle folder holds
   manifest.json     this module's schema (FORMAT, FORMAT_VERSION)
   vocab.npz         the precomputed text side: one array per vocabulary input below
-  model.onnx        FP32 graph       model_fp16.onnx   FP16 graph
+  model.onnx        FP32 graph       model_fp16.onnx   FP16 graph   (names: `graph_file`)
+  model_labels.onnx, model_fp16_labels.onnx  label-map graphs (export --labels), optional
   model.engine      TensorRT FP16 engine (+ timing.cache), optional
 
 Engine tensor names are defined here, once, and used by export.
@@ -28,29 +29,28 @@ is named at load time instead of failing deep inside a backend.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from .errors import UserError
-from .io import file_sha256
+from .io import CLIP_MEAN, CLIP_STD, file_sha256
 from .vocabulary import Vocabulary
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "IMAGE", "LOGITS", "OBJECT_LOGITS", "VOCAB_INPUTS",
-           "LABELS", "inputs_for_mode", "outputs_for_mode", "BundleError", "Manifest", "read_manifest",
-           "read_vocab", "file_entry", "MANIFEST", "VOCAB_FILE", "ONNX_FP32", "ONNX_FP16", "ONNX_FP32_LABELS", "ONNX_FP16_LABELS", "ENGINE",
-           "TIMING_CACHE"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMING_CACHE",
+           "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "VOCAB_INPUTS", "PART_FILM",
+           "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "inputs_for_mode", "outputs_for_mode",
+           "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef", "OnnxInfo",
+           "EngineInfo", "Manifest", "read_manifest", "read_vocab"]
 
 FORMAT = "partclipseg-bundle"
 FORMAT_VERSION = 1
 MANIFEST, VOCAB_FILE = "manifest.json", "vocab.npz"
-ONNX_FP32, ONNX_FP16, ENGINE, TIMING_CACHE = ("model.onnx", "model_fp16.onnx", "model.engine",
-                                              "timing.cache")
-# Optional label-map graphs (export --labels): Pred-All computed in the graph.
-ONNX_FP32_LABELS, ONNX_FP16_LABELS = "model_labels.onnx", "model_fp16_labels.onnx"
+ENGINE, TIMING_CACHE = "model.engine", "timing.cache"
 
 IMAGE = "image"
 LOGITS = "logits"
@@ -61,6 +61,10 @@ OBJECT_FILM = ("object_film_mul", "object_film_add")
 CLASS_FILM = ("class_film_mul", "class_film_add")
 CLASS_INDEX = ("class_part", "class_object")
 VOCAB_INPUTS = PART_FILM + OBJECT_FILM + CLASS_FILM + CLASS_INDEX
+
+MODES = ("partclipseg", "clipseg")
+IMAGE_DTYPES = ("uint8", "float32")
+PRECISIONS = ("fp32", "fp16")
 
 
 def inputs_for_mode(mode: str) -> tuple[str, ...]:
@@ -76,30 +80,246 @@ def outputs_for_mode(mode: str, labels: bool = False) -> tuple[str, ...]:
     return (LOGITS,) if mode == "clipseg" else (LOGITS, OBJECT_LOGITS)
 
 
-MODES = ("partclipseg", "clipseg")
-IMAGE_DTYPES = ("uint8", "float32")
+def graph_file(precision: str, labels: bool = False) -> tuple[str, str]:
+    """(manifest key, file name) of an ONNX graph: the logits graph or (labels=True) the
+    label-map graph (`export.onnx --labels`), FP32 or FP16. The one place graphs are named."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    suffix = "_labels" if labels else ""
+    name = "model" + ("_fp16" if precision == "fp16" else "") + suffix + ".onnx"
+    return f"onnx_{precision}{suffix}", name
 
 
 class BundleError(UserError, RuntimeError):
     """A bundle is missing files, corrupt, or of an unsupported format version."""
 
 
+# -- the manifest's parts ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileEntry:
+    """A bundle file: its name inside the bundle folder, size and SHA-256."""
+
+    path: str
+    bytes: int | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def of(cls, root: str | Path, name: str) -> "FileEntry":
+        """The record of the file `root/name` as it is now."""
+        p = Path(root) / name
+        return cls(name, p.stat().st_size, file_sha256(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FileEntry":
+        return cls(d.get("path"), d.get("bytes"), d.get("sha256"))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: shape with symbolic dimensions ("B" batch, "P" parts, "O+1"
+    objects + background, "K" classes, "K+1") and numpy dtype name."""
+
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        return cls(tuple(d["shape"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """The checkpoint a bundle was exported from (the torch backend and export.vocab check it)."""
+
+    path: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CheckpointRef":
+        return cls(str(d["path"]), str(d["sha256"]))
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """How the ONNX graphs were made: opset, ops kept FP32 in the FP16 graphs, and the parity
+    export measured against PyTorch per graph ({"fp32": {"rel_error", ...}, ...})."""
+
+    opset: int
+    fp16_kept_fp32_ops: tuple[str, ...] = ()
+    parity: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"opset": self.opset, "fp16_kept_fp32_ops": list(self.fp16_kept_fp32_ops),
+                "parity": {k: dict(v) for k, v in self.parity.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "OnnxInfo":
+        return cls(int(d["opset"]), tuple(d.get("fp16_kept_fp32_ops", ())),
+                   dict(d.get("parity", {})))
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """A TensorRT engine: who built it (flavour, version, GPU), from which graph, and its
+    optimization profile ({input: [min, opt, max] shape})."""
+
+    flavour: str
+    version: str
+    gpu: Mapping[str, str] | None  # {"name", "compute_capability"}; None: built without a GPU
+    precision: str
+    onnx: str
+    profiles: tuple[Mapping[str, Any], ...]
+    max_classes: int
+    max_batch: int
+    strongly_typed: bool = True
+    build_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensorrt": {"flavour": self.flavour, "version": self.version},
+                "gpu": None if self.gpu is None else dict(self.gpu),
+                "precision": self.precision, "strongly_typed": self.strongly_typed,
+                "onnx": self.onnx, "profiles": [dict(p) for p in self.profiles],
+                "max_classes": self.max_classes, "max_batch": self.max_batch,
+                "build_seconds": self.build_seconds}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EngineInfo":
+        trt = d.get("tensorrt") or {}
+        return cls(str(trt.get("flavour")), str(trt.get("version")), d.get("gpu"),
+                   str(d.get("precision", "fp16")), str(d["onnx"]), tuple(d.get("profiles", ())),
+                   int(d["max_classes"]), int(d["max_batch"]), bool(d.get("strongly_typed", True)),
+                   d.get("build_seconds"))
+
+
+# -- the manifest ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Manifest:
-    """Parsed manifest.json (the dict itself is kept in `raw`)."""
+    """manifest.json, typed. `to_dict`/`from_dict` are what export writes and the runtime reads.
 
-    path: Path
+    mode: "partclipseg" | "clipseg"; input_size: the model's square input side S (pixels);
+    image_dtype: "uint8" | "float32" (RGB 0-255 either way; normalization with mean/std is
+    in-graph); files: {key: FileEntry} with keys "vocab", `graph_file(...)[0]`, "engine", ...
+    """
+
     mode: str
     input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     vocabulary: Vocabulary
-    files: dict[str, dict[str, Any]]
-    raw: dict[str, Any]
+    files: Mapping[str, FileEntry]
+    image_dtype: str = "uint8"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    inputs: Mapping[str, TensorSpec] = field(default_factory=dict)
+    outputs: Mapping[str, TensorSpec] = field(default_factory=dict)
+    model_config: Mapping[str, Any] = field(default_factory=dict)  # ModelConfig.to_dict()
+    checkpoint: CheckpointRef | None = None
+    onnx: OnnxInfo | None = None
+    precisions: tuple[str, ...] = ("fp32",)
+    producer: Mapping[str, str] = field(default_factory=dict)  # package versions
+    engine: EngineInfo | None = None
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+    path: Path | None = field(default=None, compare=False)  # where it was read from
 
     @property
     def root(self) -> Path:
+        if self.path is None:
+            raise BundleError("this manifest was not read from a bundle folder")
         return self.path.parent
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model_config.get("name")
+
+    def replace(self, **changes: Any) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+    def with_files(self, root: str | Path, files: Mapping[str, str]) -> "Manifest":
+        """This manifest with `files` ({key: file name in root}) recorded as they are now."""
+        return self.replace(files={**self.files, **{k: FileEntry.of(root, n)
+                                                    for k, n in files.items()}})
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "format": FORMAT, "format_version": self.format_version, "created": self.created,
+            "mode": self.mode, "input_size": self.input_size, "image_dtype": self.image_dtype,
+            "mean": list(self.mean), "std": list(self.std),
+            "vocabulary": self.vocabulary.to_dict(), "model_config": dict(self.model_config),
+            "checkpoint": None if self.checkpoint is None else self.checkpoint.to_dict(),
+            "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
+            "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+            "onnx": None if self.onnx is None else self.onnx.to_dict(),
+            "precisions": list(self.precisions), "producer": dict(self.producer),
+            "files": {k: v.to_dict() for k, v in self.files.items()},
+        }
+        if self.engine is not None:
+            d["engine"] = self.engine.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], path: Path | None = None) -> "Manifest":
+        """Parse and validate a manifest dict; BundleError names what is wrong."""
+        where = path or "manifest"
+        if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
+            raise BundleError(f"{where} is not a {FORMAT} manifest")
+        version = raw.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BundleError(f"{where} has bundle format {version!r}; this runtime reads up to "
+                              f"{FORMAT_VERSION}: upgrade partclipseg-deploy")
+
+        def opt(key: str, parse: Any) -> Any:
+            return parse(raw[key]) if raw.get(key) else None
+        try:
+            m = cls(mode=raw["mode"], input_size=int(raw["input_size"]),
+                    vocabulary=Vocabulary.from_dict(raw["vocabulary"]),
+                    files={k: FileEntry.from_dict(v) for k, v in raw["files"].items()},
+                    image_dtype=raw.get("image_dtype", "uint8"),
+                    mean=tuple(raw["mean"]), std=tuple(raw["std"]),
+                    inputs={k: TensorSpec.from_dict(v)
+                            for k, v in (raw.get("inputs") or {}).items()},
+                    outputs={k: TensorSpec.from_dict(v)
+                             for k, v in (raw.get("outputs") or {}).items()},
+                    model_config=dict(raw.get("model_config") or {}),
+                    checkpoint=opt("checkpoint", CheckpointRef.from_dict),
+                    onnx=opt("onnx", OnnxInfo.from_dict),
+                    precisions=tuple(raw.get("precisions", ("fp32",))),
+                    producer=dict(raw.get("producer") or {}),
+                    engine=opt("engine", EngineInfo.from_dict),
+                    created=str(raw.get("created", "")), format_version=version, path=path)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"{where} lacks a valid field ({e!r}); re-export the bundle") from e
+        m._check_consistent()
+        return m
+
+    def _check_consistent(self) -> None:
+        """Fields the runtime relies on agree with each other (a damaged manifest is named here,
+        not as a shape error inside a backend)."""
+        bad = []
+        if self.mode not in MODES:
+            bad.append(f"mode {self.mode!r} (expected one of {MODES})")
+        if self.input_size <= 0:
+            bad.append(f"input_size {self.input_size}")
+        if self.image_dtype not in IMAGE_DTYPES:
+            bad.append(f"image_dtype {self.image_dtype!r} (expected one of {IMAGE_DTYPES})")
+        image = self.inputs.get(IMAGE)
+        if image is not None:
+            want = ("B", self.input_size, self.input_size, 3)
+            if tuple(image.shape) != want or image.dtype != self.image_dtype:
+                bad.append(f"inputs.image {image.to_dict()} vs input_size {self.input_size} / "
+                           f"image_dtype {self.image_dtype!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            bad.append("mean/std need 3 values")
+        if bad:
+            raise BundleError(f"{self.path or 'manifest'} is inconsistent: " + "; ".join(bad) +
+                              "; re-export the bundle")
 
     def file(self, key: str, verify: bool = True) -> Path:
         """Absolute path of a bundle file by its manifest key ("onnx_fp32", "engine", ...).
@@ -112,7 +332,7 @@ class Manifest:
                               f"{sorted(self.files)}); re-export it with python -m export.onnx"
                               + (" / export.trt" if key == "engine" else ""))
         entry = self.files[key]
-        name = entry.get("path")
+        name = entry.path
         # Bundle files are plain names inside the bundle folder: a manifest cannot point the
         # runtime at files elsewhere ("../x", "/etc/x").
         if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
@@ -122,15 +342,15 @@ class Manifest:
         if not p.is_file():
             raise BundleError(f"bundle file {p} is missing; re-export the bundle")
         size = p.stat().st_size
-        if "bytes" in entry and size != entry["bytes"]:
+        if entry.bytes is not None and size != entry.bytes:
             raise BundleError(f"bundle file {p} has {size} bytes, the manifest says "
-                              f"{entry['bytes']}: it is truncated or was replaced; re-export the "
+                              f"{entry.bytes}: it is truncated or was replaced; re-export the "
                               "bundle")
-        if verify and "sha256" in entry:
+        if verify and entry.sha256 is not None:
             digest = file_sha256(p)
-            if digest != entry["sha256"]:
+            if digest != entry.sha256:
                 raise BundleError(f"bundle file {p} is corrupt: its SHA-256 {digest[:12]}... is "
-                                  f"not the manifest's {str(entry['sha256'])[:12]}... (damaged "
+                                  f"not the manifest's {str(entry.sha256)[:12]}... (damaged "
                                   "or replaced after export); re-export the bundle")
         return p
 
@@ -149,51 +369,7 @@ def read_manifest(bundle: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path} is corrupt or truncated ({e}); re-export the bundle") from e
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BundleError(f"{path} is not a {FORMAT} manifest")
-    version = raw.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BundleError(f"{path} has bundle format {version!r}; this runtime reads up to "
-                          f"{FORMAT_VERSION}: upgrade partclipseg-deploy")
-    try:
-        manifest = Manifest(path=path, mode=raw["mode"], input_size=int(raw["input_size"]),
-                            mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-                            vocabulary=Vocabulary.from_dict(raw["vocabulary"]),
-                            files={k: dict(v) for k, v in raw["files"].items()}, raw=raw)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise BundleError(f"{path} lacks a valid field ({e!r}); re-export the bundle") from e
-    _check_consistent(manifest)
-    return manifest
-
-
-def _check_consistent(m: Manifest) -> None:
-    """Fields the runtime relies on agree with each other (a damaged manifest is named here,
-    not as a shape error inside a backend)."""
-    raw, bad = m.raw, []
-    if m.mode not in MODES:
-        bad.append(f"mode {m.mode!r} (expected one of {MODES})")
-    if m.input_size <= 0:
-        bad.append(f"input_size {m.input_size}")
-    dtype = raw.get("image_dtype", "uint8")
-    if dtype not in IMAGE_DTYPES:
-        bad.append(f"image_dtype {dtype!r} (expected one of {IMAGE_DTYPES})")
-    image = (raw.get("inputs") or {}).get(IMAGE) if isinstance(raw.get("inputs"), dict) else None
-    if isinstance(image, dict):
-        want = ["B", m.input_size, m.input_size, 3]
-        if image.get("shape") != want or image.get("dtype", dtype) != dtype:
-            bad.append(f"inputs.image {image} vs input_size {m.input_size} / image_dtype "
-                       f"{dtype!r}")
-    if len(m.mean) != 3 or len(m.std) != 3:
-        bad.append("mean/std need 3 values")
-    if bad:
-        raise BundleError(f"{m.path} is inconsistent: " + "; ".join(bad) +
-                          "; re-export the bundle")
-
-
-def file_entry(root: Path, name: str) -> dict[str, Any]:
-    """Manifest record of a bundle file: relative path, size and SHA-256."""
-    path = Path(root) / name
-    return {"path": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return Manifest.from_dict(raw, path)
 
 
 def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:

@@ -17,22 +17,21 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from . import bundle as spec
+from .backends import Backend, BackendOptions, backend_class
 from .errors import DeviceError
 from .postprocess import (BACKGROUND, oracle_obj, pred_all, resize_bilinear, resize_nearest,
                           sigmoid)
 from .preprocess import InputError, check_image, resize_image
 from .vocabulary import Vocabulary, VocabularyError
 
-__all__ = ["Segmenter", "Prediction", "BACKENDS"]
+__all__ = ["Segmenter", "Prediction"]
 
 log = logging.getLogger("runtime")
-
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -77,18 +76,18 @@ class Segmenter:
 
     SELECTION_CACHE = 32  # class subsets whose graph inputs are kept ready
 
-    def __init__(self, manifest: spec.Manifest, arrays: dict[str, np.ndarray], backend: Any,
-                 precision: str, max_classes: int | None = None, fast_labels: bool = False):
+    def __init__(self, manifest: spec.Manifest, arrays: dict[str, np.ndarray], backend: Backend,
+                 max_classes: int | None = None, fast_labels: bool = False):
         self.manifest = manifest
         self.vocabulary = manifest.vocabulary
         self.mode = manifest.mode
         self.input_size = manifest.input_size
         self.backend = backend
-        self.precision = precision
+        self.precision = backend.precision
         self.max_classes = max_classes
         self.fast_labels = fast_labels
         self._arrays = arrays
-        self._image_dtype = np.dtype(manifest.raw.get("image_dtype", "uint8"))
+        self._image_dtype = np.dtype(manifest.image_dtype)
         self._selections: OrderedDict[tuple[str, ...] | None, _Selection] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -104,61 +103,31 @@ class Segmenter:
             CPU; logs what it picked), "tensorrt", "onnxruntime" or "torch" (reference; needs the
             checkpoint: `checkpoint=` or the path recorded at export).
         device: "cuda" or "cpu" (default: cuda when the backend can use it).
-        precision: "fp16" or "fp32" (default: fp16 on cuda, fp32 on cpu).
+        precision: "fp16" or "fp32" (default: fp16 on cuda, fp32 on cpu; an engine's is fixed).
         max_classes: split larger vocabularies into chunks of at most this many classes (the
-            TensorRT backend sets it from the engine's profile).
+            TensorRT backend caps it at the engine's profile).
         fast_labels: run the bundle's label-map graph (`export.onnx --labels`): Pred-All in the
             graph at model resolution, the label map resized (nearest) to each image. The same
             labels when images come at the model's input size; near object boundaries they can
             differ otherwise (the exact path resizes logits, then takes the argmax). No
             Oracle-Obj, scores or chunking: the per-class maps never leave the graph.
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if precision not in (None, "fp16", "fp32"):
             raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+        if backend != "auto":
+            impl_class = backend_class(backend)  # unknown names fail before any file is read
         manifest = spec.read_manifest(bundle)
         arrays = spec.read_vocab(manifest)
         if backend == "auto":
             backend, device = _pick_backend(manifest, device)
             log.info("runtime: backend=auto picked %s on %s", backend, device)
-        device = device or ("cuda" if backend == "tensorrt" else "cpu")
-        precision = precision or ("fp16" if device == "cuda" else "fp32")
-        if backend == "tensorrt":
-            from .backends.tensorrt import TensorRTBackend
-
-            info = manifest.raw.get("engine")
-            if not info:
-                raise spec.BundleError(f"{manifest.root} has no TensorRT engine; build one "
-                                       "with python -m export.trt --out BUNDLE")
-            if fast_labels:
-                raise ValueError("fast_labels runs ONNX label-map graphs; the TensorRT engine "
-                                 "is built from the logits graph")
-            impl: Any = TensorRTBackend(str(manifest.file("engine")), info)
-            precision = info.get("precision", "fp16")
-            max_classes = min(max_classes or info["max_classes"], info["max_classes"])
-        elif backend == "onnxruntime":
-            from .backends.onnxruntime import OnnxRuntimeBackend
-
-            key = ("onnx_fp16" if precision == "fp16" else "onnx_fp32") + \
-                ("_labels" if fast_labels else "")
-            if fast_labels and not manifest.has(key):
-                raise spec.BundleError(f"{manifest.root} has no label-map graph; export it with "
-                                       "python -m export.onnx --labels")
-            impl = OnnxRuntimeBackend(str(manifest.file(key)), device, threads)
-        else:
-            from .backends.torch import TorchBackend
-
-            ck = manifest.raw.get("checkpoint", {})
-            path = checkpoint or ck.get("path")
-            if not path or not Path(path).is_file():
-                raise spec.BundleError(f"the torch backend needs the checkpoint; {path!r} does "
-                                       "not exist: pass checkpoint=PATH")
-            impl = TorchBackend(str(path), manifest.mode, manifest.mean, manifest.std, device,
-                                precision, ck.get("sha256"), labels=fast_labels)
-        return cls(manifest, arrays, impl, precision, max_classes, fast_labels)
+            impl_class = backend_class(backend)
+        impl = impl_class.open(manifest, BackendOptions(device, precision, threads, fast_labels,
+                                                        checkpoint))
+        limits = [n for n in (max_classes, impl.max_classes) if n]
+        return cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels)
 
     @property
     def backend_name(self) -> str:
@@ -169,6 +138,20 @@ class Segmenter:
                 f"{self.vocabulary.num_classes} classes, input {self.input_size})")
 
     # -- vocabulary -----------------------------------------------------------------------------
+    def feeds(self, classes: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+        """The graph's vocabulary inputs for `classes` (default: the whole vocabulary), one dict
+        per backend call: more than one when the vocabulary exceeds `max_classes`. Add
+        `{"image": (B, S, S, 3) batch}` to one and it is a complete feed for `backend.run`."""
+        return [feed for _, _, feed in self._select(classes).chunks]
+
+    def feed(self, classes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """`feeds(classes)` when it is one call (export checks, benchmarks, I/O binding)."""
+        feeds = self.feeds(classes)
+        if len(feeds) != 1:
+            raise VocabularyError(f"this vocabulary runs in {len(feeds)} chunks of at most "
+                                  f"{self.max_classes} classes; use feeds()")
+        return feeds[0]
+
     def _select(self, classes: Sequence[str] | None) -> _Selection:
         if classes is not None:
             if isinstance(classes, str):
@@ -373,13 +356,12 @@ class Segmenter:
 
 def _pick_backend(manifest: spec.Manifest, device: str | None) -> tuple[str, str]:
     """The fastest backend that can run here: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU."""
-    if device != "cpu" and manifest.has("engine") and manifest.raw.get("engine"):
+    if device != "cpu" and manifest.has("engine") and manifest.engine is not None:
         try:
             from .backends.tensorrt import current_gpu, engine_mismatch, import_tensorrt
 
-            trt, flavour = import_tensorrt(manifest.raw["engine"]["tensorrt"].get("flavour"))
-            problem = engine_mismatch(manifest.raw["engine"], flavour, trt.__version__,
-                                      current_gpu())
+            trt, flavour = import_tensorrt(manifest.engine.flavour)
+            problem = engine_mismatch(manifest.engine, flavour, trt.__version__, current_gpu())
             if problem is None:
                 return "tensorrt", "cuda"
             log.info("runtime: not using the TensorRT engine: %s", problem)

@@ -11,6 +11,8 @@ the input tensors, so it stays dynamic in the exported graph.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -45,11 +47,20 @@ class DeployModel(nn.Module):
         self.register_buffer("shift", -torch.tensor(mean) / std_t)
 
     def forward(self, image: torch.Tensor, *vocab: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.stages(image, *vocab)
+
+    def stages(self, image: torch.Tensor, *vocab: torch.Tensor,
+               mark: Callable[[str], None] = lambda stage: None) -> tuple[torch.Tensor, ...]:
+        """`forward`, calling `mark(stage)` after each stage ("normalize", "vit",
+        "stage1_decoder", "stage2_mix_film", "heads"): the GPU profile's timing points."""
         m = self.model
+        mark("start")
         # Cast before the transpose: TensorRT transposes no uint8 tensors.
         # (In the model's precision: a .half() DeployModel normalizes in FP16.)
         x = (image.to(self.scale.dtype) * self.scale + self.shift).permute(0, 3, 1, 2)
+        mark("normalize")
         image_feats = m.image_features(x)
+        mark("vit")
         if self.mode == "clipseg":
             mul, add = vocab
             cond = _conditioning(mul, add)
@@ -60,12 +71,15 @@ class DeployModel(nn.Module):
         p = part_mul.shape[0]
         cond = _conditioning(torch.cat([part_mul, obj_mul]), torch.cat([part_add, obj_add]))
         feats, _ = m.decode_stage1(image_feats, cond)
+        mark("stage1_decoder")
         part_feats, object_feats = feats[:, :p], feats[:, p:]  # objects + background
-        object_logits = m.mask_logits(m.head, object_feats, image_feats)  # parts: not deployed
         class_feats = m.stage2_from(part_feats, object_feats, class_part, class_object,
                                     cls_mul, cls_add)
+        mark("stage2_mix_film")
+        object_logits = m.mask_logits(m.head, object_feats, image_feats)  # parts: not deployed
         logits = torch.cat([m.mask_logits(m.head2, class_feats, image_feats),
                             object_logits[:, -1:]], 1)
+        mark("heads")
         if self.labels:
             return (_labels(logits, object_logits, class_object),)
         return logits, object_logits

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import BundleError
+from ..bundle import BundleError, Manifest, graph_file
 from ..errors import DeviceError
+from . import BackendOptions, default_precision, register
 
 __all__ = ["OnnxRuntimeBackend", "cuda_available"]
 
@@ -21,17 +22,32 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+@register("onnxruntime")
 class OnnxRuntimeBackend:
-    """One InferenceSession; `run` is thread-safe (ONNX Runtime sessions are).
+    """One InferenceSession (`session`, public for I/O binding and provider checks); `run` is
+    thread-safe (ONNX Runtime sessions are).
 
     device "cpu" or "cuda" (needs `pip install onnxruntime-gpu`); threads: intra-op threads on
-    CPU (default: ONNX Runtime's, one per physical core).
+    CPU (default: ONNX Runtime's, one per physical core); precision: the graph's ("fp32" |
+    "fp16"), recorded for reports.
     """
 
     name = "onnxruntime"
+    max_classes = None  # dynamic class dimensions: any vocabulary in one call
+
+    @classmethod
+    def open(cls, manifest: Manifest, options: BackendOptions) -> "OnnxRuntimeBackend":
+        """The bundle's FP32 or FP16 graph, the label-map one with `options.labels`."""
+        device = options.device or "cpu"
+        precision = default_precision(device, options.precision)
+        key, _ = graph_file(precision, options.labels)
+        if options.labels and not manifest.has(key):
+            raise BundleError(f"{manifest.root} has no label-map graph; export it with "
+                              "python -m export.onnx --labels")
+        return cls(str(manifest.file(key)), device, options.threads, precision=precision)
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, precision: str = "fp32"):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -64,7 +80,7 @@ class OnnxRuntimeBackend:
             raise DeviceError(f"ONNX Runtime could not start its CUDA provider for {path} "
                                f"(running on {self.session.get_providers()}): check that the CUDA "
                                "and cuDNN libraries onnxruntime-gpu needs are installed")
-        self.device = device
+        self.device, self.precision = device, precision
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # On CUDA, I/O binding keeps the vocabulary on the GPU and copies each way once; on

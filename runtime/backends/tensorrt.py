@@ -14,9 +14,11 @@ import subprocess
 import sys
 import threading
 from types import ModuleType
-from typing import Any
 
 import numpy as np
+
+from ..bundle import BundleError, EngineInfo, Manifest
+from . import BackendOptions, register
 
 __all__ = ["TensorRTUnavailable", "import_tensorrt", "current_gpu", "engine_mismatch",
            "TensorRTBackend", "INSTALL_HINT"]
@@ -83,18 +85,17 @@ def current_gpu() -> dict[str, str] | None:
     return {"name": name, "compute_capability": cc}
 
 
-def engine_mismatch(engine_info: dict[str, Any], flavour: str, version: str,
+def engine_mismatch(engine: EngineInfo, flavour: str, version: str,
                     gpu: dict[str, str] | None) -> str | None:
-    """Why an engine built as `engine_info` (manifest "engine") cannot run here, or None."""
-    built = engine_info.get("tensorrt", {})
+    """Why an engine built as `engine` (the manifest's) cannot run here, or None."""
     rebuild = ("rebuild it on this machine: python -m export.trt --ckpt CHECKPOINT --out BUNDLE")
-    if built.get("flavour") != flavour or built.get("version") != version:
-        return (f"the engine was built with {built.get('flavour')} {built.get('version')}, this "
+    if engine.flavour != flavour or engine.version != version:
+        return (f"the engine was built with {engine.flavour} {engine.version}, this "
                 f"process has {flavour} {version}; engines only run on the TensorRT version "
                 f"that built them: {rebuild}")
     if gpu is None:
         return "no NVIDIA GPU is visible (nvidia-smi found none): TensorRT engines need one"
-    want = engine_info.get("gpu") or {}
+    want = engine.gpu or {}
     # TensorRT-RTX engines are portable across GPUs of supported compute capabilities.
     if flavour == "tensorrt" and want.get("compute_capability") != gpu["compute_capability"]:
         return (f"the engine was built for {want.get('name')} (compute capability "
@@ -103,6 +104,7 @@ def engine_mismatch(engine_info: dict[str, Any], flavour: str, version: str,
     return None
 
 
+@register("tensorrt")
 class TensorRTBackend:
     """Runs a bundle's engine with Polygraphy's TrtRunner (execute_async_v3 on TensorRT 10+).
 
@@ -115,9 +117,20 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: str, engine_info: dict[str, Any]):
-        trt, flavour = import_tensorrt(engine_info.get("tensorrt", {}).get("flavour"))
-        problem = engine_mismatch(engine_info, flavour, trt.__version__, current_gpu())
+    @classmethod
+    def open(cls, manifest: Manifest, options: BackendOptions) -> "TensorRTBackend":
+        """The bundle's engine (its precision and profile are fixed at build time)."""
+        if manifest.engine is None:
+            raise BundleError(f"{manifest.root} has no TensorRT engine; build one with "
+                              "python -m export.trt --out BUNDLE")
+        if options.labels:
+            raise ValueError("fast_labels runs ONNX label-map graphs; the TensorRT engine is "
+                             "built from the logits graph")
+        return cls(str(manifest.file("engine")), manifest.engine)
+
+    def __init__(self, engine_path: str, engine: EngineInfo):
+        trt, flavour = import_tensorrt(engine.flavour)
+        problem = engine_mismatch(engine, flavour, trt.__version__, current_gpu())
         if problem:
             raise TensorRTUnavailable(f"{engine_path}: {problem}")
         from polygraphy.backend.common import BytesFromPath
@@ -126,7 +139,8 @@ class TensorRTBackend:
         self._runner = TrtRunner(EngineFromBytes(BytesFromPath(engine_path)))
         self._runner.activate()
         self._lock = threading.Lock()
-        self.device = "cuda"
+        self.device, self.precision, self.max_classes = "cuda", engine.precision, engine.max_classes
+        self.input_names = self.output_names = ()  # the engine's own bindings (Polygraphy)
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:

@@ -5,13 +5,17 @@ Imports torch and partclipseg only when constructed (the runtime never needs the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from ..bundle import BundleError, inputs_for_mode, outputs_for_mode
+from ..bundle import BundleError, Manifest, inputs_for_mode, outputs_for_mode
+from . import BackendOptions, default_precision, register
 
 __all__ = ["TorchBackend"]
 
 
+@register("torch")
 class TorchBackend:
     """Runs `partclipseg.model.deploy.DeployModel` (what export traces) in eager PyTorch.
 
@@ -19,16 +23,32 @@ class TorchBackend:
     """
 
     name = "torch"
+    max_classes = None
 
-    def __init__(self, checkpoint: str, mode: str, mean, std, device: str = "cpu",
+    @classmethod
+    def open(cls, manifest: Manifest, options: BackendOptions) -> "TorchBackend":
+        """The checkpoint `options.checkpoint`, or the one the manifest records (its SHA-256 is
+        checked against the manifest's)."""
+        device = options.device or "cpu"
+        ck = manifest.checkpoint
+        path = options.checkpoint or (ck.path if ck else None)
+        if not path or not Path(path).is_file():
+            raise BundleError(f"the torch backend needs the checkpoint; {path!r} does not "
+                              "exist: pass checkpoint=PATH")
+        return cls(str(path), manifest.mode, manifest.mean, manifest.std, device,
+                   default_precision(device, options.precision), ck.sha256 if ck else None,
+                   labels=options.labels)
+
+    def __init__(self, checkpoint: str, mode: str, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], device: str = "cpu",
                  precision: str = "fp32", expected_sha256: str | None = None,
                  labels: bool = False):
         import torch
 
         from partclipseg.checkpoint import load_model
+        from partclipseg.model.deploy import DeployModel
 
         from ..io import file_sha256
-        from partclipseg.model.deploy import DeployModel
 
         if expected_sha256 and file_sha256(checkpoint) != expected_sha256:
             raise BundleError(f"{checkpoint} is not the checkpoint this bundle was exported "

@@ -24,16 +24,18 @@ def _run(path, feed):
 
 def test_manifest_lists_every_file_with_size_and_hash(tiny_bundle):
     m = spec.read_manifest(tiny_bundle)
-    assert m.raw["format"] == spec.FORMAT and m.raw["format_version"] == spec.FORMAT_VERSION
+    raw = json.loads((tiny_bundle / spec.MANIFEST).read_text())
+    assert raw["format"] == spec.FORMAT and m.format_version == spec.FORMAT_VERSION
+    assert spec.Manifest.from_dict(m.to_dict(), m.path) == m  # the writer's dict, read back
     for key in ("vocab", "onnx_fp32", "onnx_fp16"):
         entry = m.files[key]
         path = m.file(key)
-        assert path.stat().st_size == entry["bytes"] and len(entry["sha256"]) == 64
-    assert list(m.raw["inputs"]) == list(spec.inputs_for_mode("partclipseg"))
-    assert m.raw["onnx"]["parity"]["fp32"]["rel_error"] < 1e-4
-    assert m.raw["onnx"]["parity"]["fp32_labels"]["label_agreement"] >= 0.999
-    assert m.raw["outputs"][spec.LABELS]["dtype"] == "int32" and m.has("onnx_fp16_labels")
-    assert m.raw["producer"]["torch"] and m.raw["checkpoint"]["sha256"]
+        assert path.stat().st_size == entry.bytes and len(entry.sha256) == 64
+    assert list(m.inputs) == list(spec.inputs_for_mode("partclipseg"))
+    assert m.onnx.parity["fp32"]["rel_error"] < 1e-4
+    assert m.onnx.parity["fp32_labels"]["label_agreement"] >= 0.999
+    assert m.outputs[spec.LABELS].dtype == "int32" and m.has("onnx_fp16_labels")
+    assert m.producer["torch"] and len(m.checkpoint.sha256) == 64
     # Nothing left behind by staging.
     assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(f".{tiny_bundle.name}.")]
 
@@ -46,7 +48,7 @@ def _assert_graphs_match_torch(ckpt, graphs, torch):
     """Each (ONNX path, tolerance) run on OTHER_VOCAB at batch 3 matches the torch DeployModel:
     output shapes follow the new class counts, relative L2 error below the tolerance."""
     from partclipseg.checkpoint import load_model
-    from partclipseg.config import CLIP_MEAN, CLIP_STD
+    from runtime.io import CLIP_MEAN, CLIP_STD
     from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
 
     model, _, _ = load_model(ckpt)
@@ -66,8 +68,8 @@ def _assert_graphs_match_torch(ckpt, graphs, torch):
 
 def test_onnx_matches_torch_on_another_vocabulary_and_batch(tiny_bundle, tiny_ckpt, torch):
     """Class dimensions and batch are dynamic: a vocabulary of other sizes runs unchanged."""
-    _assert_graphs_match_torch(tiny_ckpt, [(tiny_bundle / spec.ONNX_FP32, 1e-4),
-                                           (tiny_bundle / spec.ONNX_FP16, 2e-2)], torch)
+    _assert_graphs_match_torch(tiny_ckpt, [(tiny_bundle / spec.graph_file("fp32")[1], 1e-4),
+                                           (tiny_bundle / spec.graph_file("fp16")[1], 2e-2)], torch)
 
 
 def test_onnx_mlp_mix_variant_keeps_class_dims_dynamic(tmp_path, torch, vocab):
@@ -82,12 +84,12 @@ def test_onnx_mlp_mix_variant_keeps_class_dims_dynamic(tmp_path, torch, vocab):
             p.add_(torch.randn_like(p) * 0.3)
     ckpt = save_checkpoint(tmp_path / "mlp.pt", model, vocab)
     manifest = export_onnx(ckpt, tmp_path / "b", fp16=False)
-    assert manifest["model_config"]["mix"] == "mlp"
-    _assert_graphs_match_torch(ckpt, [(tmp_path / "b" / spec.ONNX_FP32, 1e-4)], torch)
+    assert manifest.model_config["mix"] == "mlp"
+    _assert_graphs_match_torch(ckpt, [(tmp_path / "b" / spec.graph_file("fp32")[1], 1e-4)], torch)
 
 
 def test_fp16_graph_keeps_layernorm_in_fp32(tiny_bundle):
-    g = onnx.load(str(tiny_bundle / spec.ONNX_FP16)).graph
+    g = onnx.load(str(tiny_bundle / spec.graph_file("fp16")[1])).graph
     inits = {i.name: i.data_type for i in g.initializer}
     ln = [n for n in g.node if n.op_type == "LayerNormalization"]
     assert ln, "opset 17 export should emit LayerNormalization nodes"
@@ -116,8 +118,8 @@ def test_failed_parity_leaves_previous_bundle_intact(tiny_bundle, tiny_ckpt, tmp
 def test_clipseg_bundle_and_float_input(tiny_clipseg_ckpt, tmp_path):
     m = export_onnx(tiny_clipseg_ckpt, tmp_path / "c", image_dtype="float32", image_size=128,
                     fp16=False)
-    assert m["mode"] == "clipseg" and m["input_size"] == 128 and "onnx_fp16" not in m["files"]
-    sess = ort.InferenceSession(str(tmp_path / "c" / spec.ONNX_FP32))
+    assert m.mode == "clipseg" and m.input_size == 128 and not m.has("onnx_fp16")
+    sess = ort.InferenceSession(str(tmp_path / "c" / spec.graph_file("fp32")[1]))
     assert [i.name for i in sess.get_inputs()] == list(spec.inputs_for_mode("clipseg"))
     assert sess.get_inputs()[0].type == "tensor(float)"
 
@@ -140,12 +142,12 @@ def test_new_vocabulary_without_rebuild(tiny_bundle, tiny_ckpt, tmp_path):
     classes.write_text("# new names are fine\nred quadruped's head\ngreen cat's tail *\n"
                        "green cat's head *\n")
     assert read_class_file(classes).unseen_objects == {"green cat"}
-    onnx_before = (out / spec.ONNX_FP32).read_bytes()
+    onnx_before = (out / spec.graph_file("fp32")[1]).read_bytes()
     assert main(["--bundle", str(out), "--ckpt", str(tiny_ckpt), "--classes", str(classes)]) == 0
     seg = Segmenter.load(out, backend="onnxruntime")
     assert seg.vocabulary.class_names == ("red quadruped's head", "green cat's tail",
                                           "green cat's head")
-    assert (out / spec.ONNX_FP32).read_bytes() == onnx_before
+    assert (out / spec.graph_file("fp32")[1]).read_bytes() == onnx_before
     assert len(list(out.glob("vocab*.npz"))) == 1
     image = np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     assert seg.predict(image).labels.max() < 3
@@ -183,8 +185,10 @@ def test_missing_tensorrt_names_the_pip_extra(monkeypatch):
 def test_engine_mismatch_says_what_to_rebuild():
     from runtime.backends.tensorrt import engine_mismatch
 
-    info = {"tensorrt": {"flavour": "tensorrt", "version": "10.9.0"},
-            "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}}
+    info = spec.EngineInfo(flavour="tensorrt", version="10.9.0",
+                           gpu={"name": "NVIDIA H100", "compute_capability": "9.0"},
+                           precision="fp16", onnx="model_fp16.onnx", profiles=(),
+                           max_classes=128, max_batch=8)
     h100 = {"name": "NVIDIA H100", "compute_capability": "9.0"}
     assert engine_mismatch(info, "tensorrt", "10.9.0", h100) is None
     assert "10.9.0" in engine_mismatch(info, "tensorrt", "10.10.0", h100)
@@ -196,9 +200,9 @@ def test_engine_mismatch_says_what_to_rebuild():
 def test_profile_shapes_cover_the_vocabulary(tiny_bundle):
     from export.trt import profile_shapes
 
-    manifest = json.loads((tiny_bundle / spec.MANIFEST).read_text())
+    manifest = spec.read_manifest(tiny_bundle)
     shapes = profile_shapes(manifest, 1, 2, 4, 16)
-    size = manifest["input_size"]
+    size = manifest.input_size
     assert shapes["image"] == [[1, size, size, 3], [2, size, size, 3], [4, size, size, 3]]
     assert shapes["object_film_mul"][1][0] == 3 and shapes["object_film_mul"][2][0] == 17
     with pytest.raises(ValueError, match="max-classes"):
@@ -223,11 +227,11 @@ def test_engine_builds_with_tensorrt(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, out)
     assert main(["--out", str(out), "--max-batch", "2", "--max-classes", "16"]) == 0
     m = spec.read_manifest(out)
-    engine = m.raw["engine"]
+    engine = m.engine
     assert m.file("engine").stat().st_size > 100_000
-    assert engine["strongly_typed"] and engine["onnx"] == spec.ONNX_FP16
-    d = m.raw["model_config"]["reduce_dim"]
-    assert engine["tensorrt"]["version"] and engine["profiles"][0]["class_film_mul"][2] == [16, d]
+    assert engine.strongly_typed and engine.onnx == spec.graph_file("fp16")[1]
+    d = m.model_config["reduce_dim"]
+    assert engine.version and engine.profiles[0]["class_film_mul"][2] == [16, d]
     assert (out / spec.TIMING_CACHE).is_file()
     assert not list(out.glob("*.lock")) and not list(out.glob(".*"))
 
@@ -247,7 +251,7 @@ def test_vit_b16_reference_exports_and_builds(tmp_path, torch):
                                    for p in range(o, o + 3)], unseen_objects=["object3"])
     ckpt = save_checkpoint(tmp_path / "vitb16.pt", build_model("vit_b16"), vocab)
     manifest = export_onnx(ckpt, tmp_path / "b", check_batch=1)
-    assert manifest["input_size"] == 352 and manifest["onnx"]["parity"]["fp16"]["rel_error"] < 2e-2
+    assert manifest.input_size == 352 and manifest.onnx.parity["fp16"]["rel_error"] < 2e-2
     try:
         import_tensorrt()
     except TensorRTUnavailable as e:
@@ -285,7 +289,7 @@ def test_every_exported_graph_builds_with_tensorrt(tiny_bundle, key):
         pytest.skip(str(e))
     from export.trt import engine_bytes, profile_shapes
 
-    manifest = json.loads((tiny_bundle / spec.MANIFEST).read_text())
+    manifest = spec.read_manifest(tiny_bundle)
     shapes = profile_shapes(manifest, 1, 1, 2, 16)
-    engine = engine_bytes(spec.read_manifest(tiny_bundle).file(key), shapes, workspace_gib=1.0)
+    engine = engine_bytes(manifest.file(key), shapes, workspace_gib=1.0)
     assert len(engine) > 100_000

@@ -25,19 +25,24 @@ def test_train_with_missing_config(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("steps", ["0", "-3", "ten"])
-def test_train_with_bad_steps(tmp_path, capsys, steps):
+@pytest.mark.parametrize("override, message", [
+    ("steps=0", "steps must be a positive integer"), ("steps=-3", "steps must be a positive"),
+    ("steps=ten", "steps must be a positive"), ("steps", "not KEY=VALUE"),
+    ("loss.nope=1", "unknown keys in loss: ['nope']"), ("nope.x=1", "'nope' is not a section"),
+])
+def test_train_with_bad_override(tmp_path, capsys, override, message):
     out = tmp_path / "run"
     assert _exit_code(["train", "--config", "synthparts_tiny", "--out", str(out),
-                       "--steps", steps]) == 2
-    assert "--steps" in capsys.readouterr().err
+                       "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert not out.exists()
 
 
 def test_train_resume_without_last_checkpoint(tmp_path, capsys):
     out, data = tmp_path / "run", tmp_path / "data"
     assert _exit_code(["train", "--config", "synthparts_tiny", "--out", str(out), "--resume",
-                       "--data-root", str(data)]) == 2
+                       "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert "last.pt does not exist" in err
     assert not out.exists() and not data.exists()  # no run folder, no dataset generated

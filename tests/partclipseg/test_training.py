@@ -213,7 +213,6 @@ def test_real_dataset_configs_use_the_paper_recipe(name):
     ({"eval_setting": "oracle"}, "eval_setting"),
     ({"data": {"val_limit": 0}}, "val_limit"),
     ({"stepz": 5}, "unknown keys"),
-    ({"head_prior": 1.0}, "head_prior"),
     ({"stage2_classes": "some"}, "stage2_classes"),
     ({"stage2_negatives": -1}, "stage2_negatives"),
     ({"loss": {"kind": "focal"}}, "loss.kind"),
@@ -243,12 +242,16 @@ def test_training_starts_from_an_init_checkpoint(tmp_path, torch, vocab):
 
 @pytest.mark.parametrize("mode", ["partclipseg", "clipseg"])
 def test_head_prior_starts_every_mask_head_at_the_class_prior(torch, mode):
-    """head_prior p: every mask head's output bias is logit(p); nothing else changes."""
+    """Model option head_prior p: every mask head's output bias is logit(p); nothing else
+    changes."""
+    from partclipseg.config import load_model_config
     from partclipseg.model import build_model
     from partclipseg.training.config import TrainConfig
     from partclipseg.training.trainer import _initial_model
 
-    cfg = TrainConfig(model="tiny", model_overrides={"mode": mode}, head_prior=0.01)
+    with pytest.raises(ConfigError, match="head_prior"):
+        load_model_config("tiny", head_prior=1.0)
+    cfg = TrainConfig(model="tiny", model_overrides={"mode": mode, "head_prior": 0.01})
     torch.manual_seed(0)
     model = _initial_model(cfg)
     torch.manual_seed(0)
@@ -279,8 +282,9 @@ def test_image_tower_trains_at_its_own_learning_rate(torch):
 
 
 def test_recipe_sweep_variants_are_valid_configs(tmp_path):
-    """Every variant of `benchmarks.recipe_sweep` resolves to a training and a model config."""
-    from benchmarks.recipe_sweep import VARIANTS, _config
+    """Every variant of `benchmarks.experiments.recipe_sweep` resolves to a training and a model
+    config."""
+    from benchmarks.experiments.recipe_sweep import VARIANTS, _config
     from partclipseg.config import load_model_config
 
     for name, overrides in VARIANTS.items():
@@ -290,3 +294,38 @@ def test_recipe_sweep_variants_are_valid_configs(tmp_path):
         if any("patch_size" in o for o in overrides):
             assert model.grid_size == 20, name
     assert _config("synthparts_tiny", tmp_path, ["steps=3200"], "cpu", steps=8).steps == 8
+
+
+def test_method_experiment_variants_differ_only_where_named(tmp_path):
+    """`benchmarks.experiments.method` builds each variant from the same base by overrides."""
+    import argparse
+
+    from benchmarks.experiments.method import VARIANTS, _config
+
+    args = argparse.Namespace(config="synthparts_tiny", data=tmp_path, num_workers=0, steps=40,
+                              device="cpu", set=["lr=1.0e-3"])
+    cfgs = {v: _config(args, v, seed=3) for v in VARIANTS}
+    base = cfgs["partclipseg"]
+    assert (base.steps, base.lr, base.seed, base.data.root) == (40, 1e-3, 3, str(tmp_path))
+    assert cfgs["clipseg"].model_overrides["mode"] == "clipseg"
+    assert cfgs["partclipseg_no_sep"].loss.sep == 0 and cfgs["partclipseg_no_sep"].loss.enh > 0
+    assert cfgs["partclipseg_no_enh"].loss.enh == 0 and cfgs["partclipseg_no_enh"].loss.sep > 0
+    assert cfgs["clipseg"].replace(model_overrides=base.model_overrides) == base
+
+
+def test_overrides_reach_every_section_and_are_validated():
+    from partclipseg.training.config import apply_overrides, load_train_config
+
+    cfg = load_train_config("synthparts_tiny")
+    out = apply_overrides(cfg, ["steps=12", "loss.obj=3", "data.val_limit=null",
+                                "model_overrides.conv_branch=16", "scale_range=[0.5, 1.5]",
+                                'data.root="a=b"'])
+    assert (out.steps, out.loss.obj, out.data.val_limit, out.scale_range) == (12, 3, None,
+                                                                             (0.5, 1.5))
+    assert out.model_overrides["conv_branch"] == 16 and out.data.root == "a=b"
+    assert apply_overrides(cfg, []) == cfg
+    for bad, match in [(["steps"], "not KEY=VALUE"), (["=3"], "not KEY=VALUE"),
+                       (["loss.nope=1"], "unknown keys in loss"), (["lr=[1"], "not valid YAML"),
+                       (["steps.x=1"], "'steps' is not a section"), (["steps=0"], "steps")]:
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(cfg, bad)

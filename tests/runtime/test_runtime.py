@@ -87,7 +87,7 @@ def test_subset_logits_equal_full_vocabulary_logits(seg):
 
 def test_chunked_vocabulary_gives_the_same_labels(tiny_bundle, seg):
     chunked = Segmenter.load(tiny_bundle, backend="onnxruntime", max_classes=4)
-    assert len(chunked._select(None).chunks) == 2
+    assert len(chunked.feeds()) == 2
     images = [_image(seed=s) for s in range(2)]
     for a, b in zip(chunked.predict_batch(images), seg.predict_batch(images)):
         np.testing.assert_array_equal(a.labels, b.labels)
@@ -136,7 +136,7 @@ def test_bad_bundles_are_named(tiny_bundle, tmp_path):
     with pytest.raises(BundleError, match="corrupt or truncated"):
         Segmenter.load(b)
     (b / spec.MANIFEST).write_text(json.dumps(manifest))
-    onnx_path = b / spec.ONNX_FP32
+    onnx_path = b / spec.graph_file("fp32")[1]
     onnx_path.write_bytes(onnx_path.read_bytes()[:1000])
     with pytest.raises(BundleError, match="truncated"):
         Segmenter.load(b, backend="onnxruntime")
@@ -229,7 +229,7 @@ def test_io_binding_path_gives_the_plain_run_outputs(tiny_bundle, seg):
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     bound = OnnxRuntimeBackend(str(seg.manifest.file("onnx_fp32")), "cpu", io_binding=True)
-    feed = {spec.IMAGE: resize_image(_image(), seg.input_size)[None], **seg._select(None).chunks[0][2]}
+    feed = {spec.IMAGE: resize_image(_image(), seg.input_size)[None], **seg.feed()}
     plain = seg.backend.run(feed)
     for _ in range(2):  # the second call reuses the resident vocabulary values
         got = bound.run(feed)
