@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from runtime.io import IGNORE_LABEL
 from partclipseg.data.datasets import (
-    IGNORE_INDEX,
     DatasetError,
     OVPartsDataset,
     decode_rle,
@@ -125,7 +125,7 @@ def test_pascal_per_image(pascal_root):
     v = PASCAL_PART_116
     assert (s["object"][:, :3] == v.object_index("aeroplane")).all()
     assert (s["object"][:, 3:5] == v.object_index("person")).all()
-    assert (s["object"][:2, 5:] == IGNORE_INDEX).all()  # boat has no parts: not in the vocabulary
+    assert (s["object"][:2, 5:] == IGNORE_LABEL).all()  # boat has no parts: not in the vocabulary
     assert s["name"] == "2008_000001"
     assert ds[-1]["name"] == "2008_000002"
     with pytest.raises(IndexError):
@@ -139,9 +139,9 @@ def test_pascal_per_object_eval_samples(pascal_root, tmp_path):
     assert names == ["2008_000001#aeroplane", "2008_000001#person",
                      "2008_000002#aeroplane", "2008_000002#person"]
     s = ds[1]  # person only
-    assert set(np.unique(s["part"])) == {PERSON_HEAD, IGNORE_INDEX}
+    assert set(np.unique(s["part"])) == {PERSON_HEAD, IGNORE_LABEL}
     assert (s["part"][:, 3:5] == PERSON_HEAD).all()
-    assert set(np.unique(s["object"])) == {PASCAL_PART_116.object_index("person"), IGNORE_INDEX}
+    assert set(np.unique(s["object"])) == {PASCAL_PART_116.object_index("person"), IGNORE_LABEL}
     # the OV-PARTS label-count file gives the same samples
     counts = {"2008_000001.png": [AERO, BOAT, PERSON], "2008_000002.png": [AERO, BOAT, PERSON]}
     (pascal_root / "annotations_detectron2_part" / "val_obj_label_count.json").write_text(json.dumps(counts))
@@ -234,13 +234,13 @@ def test_ade_per_image_16bit(ade_root):
     assert len(ds) == 1 and ds.vocabulary is ADE20K_PART_234
     s = ds[0]
     want = ade_part().astype(np.int64)
-    want[want == 65535] = IGNORE_INDEX
+    want[want == 65535] = IGNORE_LABEL
     assert np.array_equal(s["part"], want)
-    assert s["part"].max() == IGNORE_INDEX and (s["part"] == LIGHT_SHADE).sum() == 1
+    assert s["part"].max() == IGNORE_LABEL and (s["part"] == LIGHT_SHADE).sum() == 1
     obj = s["object"]
     assert (obj[:4, :4] == ADE20K_PART_234.object_index("chair")).all()
     assert (obj[:, 4:] == ADE20K_PART_234.object_index("bus")).all()
-    assert (obj[4:, :4] == IGNORE_INDEX).all()
+    assert (obj[4:, :4] == IGNORE_LABEL).all()
 
 
 def test_ade_val_per_instance_includes_train_unseen(ade_root):
@@ -249,10 +249,10 @@ def test_ade_val_per_instance_includes_train_unseen(ade_root):
     assert names == ["ADE_val_00000001#chair#1", "ADE_val_00000001#bus#2",
                      "ADE_train_00000001#bus#2"]
     chair = ds[0]
-    assert set(np.unique(chair["part"])) == {CHAIR_LEG, IGNORE_INDEX}
+    assert set(np.unique(chair["part"])) == {CHAIR_LEG, IGNORE_LABEL}
     assert (chair["part"][:4, :4] == CHAIR_LEG).all()
     bus = ds[2]
-    assert (bus["part"][:, 4:] == BUS_WHEEL).all() and (bus["part"][:, :4] == IGNORE_INDEX).all()
+    assert (bus["part"][:, 4:] == BUS_WHEEL).all() and (bus["part"][:, :4] == IGNORE_LABEL).all()
     only_val = load_dataset("ade20k_part_234", ade_root, "val", ade_val_with_train_unseen=False)
     assert len(only_val) == 2
 
@@ -303,12 +303,12 @@ def test_partimagenet_from_coco_json(tmp_path):
     assert ds.vocabulary.class_names == ("fish's head", "fish's body", "car's side mirror")
     s = ds[0]
     head, body = ds.vocabulary.index("fish's head"), ds.vocabulary.index("fish's body")
-    want = np.full((H, W), IGNORE_INDEX)
+    want = np.full((H, W), IGNORE_LABEL)
     want[1:5, 1:7] = body
     want[1:5, 5:7] = head
     assert np.array_equal(s["part"], want)
     fish = ds.vocabulary.object_index("fish")
-    assert np.array_equal(s["object"], np.where(want != IGNORE_INDEX, fish, IGNORE_INDEX))
+    assert np.array_equal(s["object"], np.where(want != IGNORE_LABEL, fish, IGNORE_LABEL))
     assert s["name"] == "n01440764_10029"
 
 
@@ -350,7 +350,7 @@ def test_synthparts_roundtrip_and_pickle(tmp_path):
     assert np.array_equal(clone[0]["part"], s["part"]) and clone.split == "train"
     val = load_dataset("synthparts", root, "val")
     assert [r.name for r in val.samples] == ["000000#red quadruped", "000000#blue bird"]
-    assert set(np.unique(val[1]["part"])) == {3, IGNORE_INDEX}
+    assert set(np.unique(val[1]["part"])) == {3, IGNORE_LABEL}
     # errors: out-of-range part label, bad classes.json
     part[0, 0] = 4
     write_u8(root / "annotations_detectron2_part" / "train" / "000000.png", part)

@@ -198,13 +198,13 @@ def test_non_finite_vocabulary_vectors_are_refused(micro_bundle, tmp_path):
         bad["class_film_add"][1, 2] = value
         with open(b / "vocab-bad.npz", "wb") as f:
             np.savez(f, **bad)
-        update_manifest(b, {}, {"vocab": "vocab-bad.npz"})  # consistent size + hash
+        update_manifest(b, {"vocab": "vocab-bad.npz"})  # consistent size + hash
         with pytest.raises(BundleError, match="finite"):
             Segmenter.load(b, backend="onnxruntime")
     bad = dict(arrays, class_part=arrays["class_part"].astype(np.float32))
     with open(b / "vocab-bad.npz", "wb") as f:
         np.savez(f, **bad)
-    update_manifest(b, {}, {"vocab": "vocab-bad.npz"})
+    update_manifest(b, {"vocab": "vocab-bad.npz"})
     with pytest.raises(BundleError, match="integer"):
         Segmenter.load(b, backend="onnxruntime")
 
@@ -240,7 +240,7 @@ def test_fuzzed_bundle_files_are_always_named(micro_bundle, fuzz_dir, key, offse
     b = fuzz_dir / key
     if not b.exists():
         copy_bundle(micro_bundle, b)
-    name = spec.read_manifest(micro_bundle).files[key]["path"]
+    name = spec.read_manifest(micro_bundle).files[key].path
     (b / name).write_bytes(mutate((micro_bundle / name).read_bytes(), offset, xor, truncate))
     with pytest.raises(BundleError, match="truncated|corrupt"):
         Segmenter.load(b, backend="onnxruntime",
@@ -257,9 +257,11 @@ def test_fuzzed_engine_is_named_before_tensorrt_sees_it(micro_bundle, fuzz_dir, 
     if not b.exists():
         copy_bundle(micro_bundle, b)
         (b / spec.ENGINE).write_bytes(engine)
-        info = {"tensorrt": {"flavour": "tensorrt", "version": "10.9.0"}, "max_classes": 16,
-                "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}}
-        update_manifest(b, {"engine": info}, {"engine": spec.ENGINE})
+        info = spec.EngineInfo(flavour="tensorrt", version="10.9.0",
+                               gpu={"name": "NVIDIA H100", "compute_capability": "9.0"},
+                               precision="fp16", onnx="model_fp16.onnx", profiles=(),
+                               max_classes=16, max_batch=1)
+        update_manifest(b, {"engine": spec.ENGINE}, engine=info)
     (b / spec.ENGINE).write_bytes(mutate(engine, offset, xor, truncate))
     with pytest.raises(BundleError, match="truncated|corrupt"):
         Segmenter.load(b, backend="tensorrt")
