@@ -3,14 +3,14 @@
     pytest benchmarks/                          # CPU, tiny model, ~3 min on 2 cores
     pytest benchmarks/ --quick                  # batches 1 and 8, few rounds, smaller val split
     pytest benchmarks/ --device cuda            # GPU backends (torch FP16, ORT CUDA, TensorRT)
-    pytest benchmarks/ --bundle bundles/reference --checkpoint bundles/reference.pt
+    pytest benchmarks/ --bundle bundles/reference --ckpt bundles/reference.pt
 
 Options:
   --bundle PATH      bundle to benchmark. Default: one built once per session in a temp folder:
-                     the checkpoint of --checkpoint, else demo/run/best.pt (written by
+                     the checkpoint of --ckpt, else demo/run/best.pt (written by
                      `partclipseg demo`) when it exists, else a random-init `tiny` model with the
                      SynthParts vocabulary; exported with export.onnx (FP32 + FP16).
-  --checkpoint PATH  the checkpoint the torch reference backend runs (default: the one the
+  --ckpt PATH  the checkpoint the torch reference backend runs (default: the one the
                      bundle's manifest records).
   --device cpu|cuda  where every backend runs (default cpu).
   --quick            batches 1 and 8 only, fewer rounds, 16 val images.
@@ -93,8 +93,8 @@ _REPORT = pytest.StashKey[BenchReport]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("partclipseg benchmarks")
     g.addoption("--bundle", default=None, help="bundle folder to benchmark (default: build a "
-                "tiny one per session from --checkpoint, demo/run/best.pt or random init)")
-    g.addoption("--checkpoint", default=None, help="checkpoint for the torch reference (and for "
+                "tiny one per session from --ckpt, demo/run/best.pt or random init)")
+    g.addoption("--ckpt", default=None, help="checkpoint for the torch reference (and for "
                 "the default bundle); default: the bundle manifest's")
     g.addoption("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
     g.addoption("--quick", action="store_true", help="batches 1 and 8, few rounds")
@@ -105,7 +105,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _options(config: pytest.Config) -> BenchOptions:
-    b, c = config.getoption("--bundle"), config.getoption("--checkpoint")
+    b, c = config.getoption("--bundle"), config.getoption("--ckpt")
     return BenchOptions(Path(b) if b else None, Path(c) if c else None,
                         config.getoption("--device"), config.getoption("--quick"),
                         Path(config.rootpath))
@@ -161,7 +161,7 @@ def bench_bundle(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathF
     demo = opts.rootdir / DEMO_CHECKPOINT
     if opts.checkpoint is not None:
         if not opts.checkpoint.is_file():
-            raise FileNotFoundError(f"--checkpoint {opts.checkpoint} does not exist")
+            raise FileNotFoundError(f"--ckpt {opts.checkpoint} does not exist")
         built = build_bundle(out, checkpoint=opts.checkpoint)
         source = f"trained {opts.checkpoint}"
     elif demo.is_file():
@@ -190,7 +190,7 @@ def open_segmenter(bench_options: BenchOptions, bench_bundle: BenchBundle
     def open_(route: Route) -> Any:
         if route not in cache:
             if route.backend == "torch" and bench_bundle.checkpoint is None:
-                pytest.skip(f"torch reference needs the bundle's checkpoint: pass --checkpoint "
+                pytest.skip(f"torch reference needs the bundle's checkpoint: pass --ckpt "
                             f"(the manifest of {bench_bundle.path} names none that exists)")
             try:
                 cache[route] = Segmenter.load(

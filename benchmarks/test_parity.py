@@ -8,7 +8,7 @@ torch FP32 reference backend on the same samples:
         the object mask's pixels).
 Pixel agreement is reported for every route. A random-init model scores a near-zero mIoU, which
 makes the mIoU deltas a weak check: `partclipseg demo` first (demo/run/best.pt is then used) or
-pass --checkpoint / --bundle of a trained SynthParts model.
+pass --ckpt / --bundle of a trained SynthParts model.
 """
 
 from __future__ import annotations
