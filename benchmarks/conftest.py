@@ -10,7 +10,7 @@ Options:
                      the checkpoint of --ckpt, else demo/run/best.pt (written by
                      `partclipseg demo`) when it exists, else a random-init `tiny` model with the
                      SynthParts vocabulary; exported with export.onnx (FP32 + FP16).
-  --ckpt PATH  the checkpoint the torch reference backend runs (default: the one the
+  --ckpt PATH        the checkpoint the torch reference backend runs (default: the one the
                      bundle's manifest records).
   --device cpu|cuda  where every backend runs (default cpu).
   --quick            batches 1 and 8 only, fewer rounds, 16 val images.

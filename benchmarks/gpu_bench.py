@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from benchmarks.timing import Timing, time_calls, time_cuda
+from runtime.errors import run_command
 
 BATCHES = (1, 8, 32)
 TARGET_B1_MS = 1.0           # DESIGN section 6, GPU: exported FP16 predict, batch 1
@@ -550,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.bundle is None:
         args.bundle = str(DEFAULT_BUNDLE) + ("_smoke" if args.smoke else "")
@@ -558,6 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(result), flush=True)
     log(f"wrote {Path(os.environ.get('OUT') or 'out') / 'gpu_bench.json'}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("benchmarks.gpu_bench", lambda: _main(argv))
 
 
 if __name__ == "__main__":

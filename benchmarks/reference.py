@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.bundle import Manifest
+from runtime.errors import run_command
 from runtime.vocabulary import Vocabulary
 
 __all__ = ["BuiltBundle", "reference_vocabulary", "synthparts_vocabulary", "write_random_checkpoint",
@@ -97,7 +98,7 @@ def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | N
     return BuiltBundle(out, Path(checkpoint), manifest, {"checkpoint": t1 - t0, "export": t2 - t1})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reference",
                                 description="write the DESIGN section 6 reference speed model: "
                                             "random-init ViT-B/16 @352, Pascal-Part-116 "
@@ -120,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{built.checkpoint}; checkpoint {built.seconds['checkpoint']:.1f} s, export "
           f"{built.seconds['export']:.1f} s")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("benchmarks.reference", lambda: _main(argv))
 
 
 if __name__ == "__main__":

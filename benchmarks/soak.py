@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.errors import run_command
+
 __all__ = ["rss_mb", "soak", "main"]
 
 
@@ -164,7 +166,7 @@ def format_report(r: dict[str, Any], max_growth_mb: float) -> str:
     return "\n".join(f"| {k:<{w}} | {v} |" for k, v in rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="bundle folder")
@@ -206,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.replace(tmp_path, out)
         print(f"written to {out}")
     return 0 if report["pass"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("benchmarks.soak", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from typing import Any
 
+from runtime.errors import run_command
 from runtime.io import atomic_write_text
 
 # Each variant is a list of config overrides (`partclipseg train --set`).
@@ -116,7 +117,7 @@ def table(summary: dict[str, Any], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/method")
     p.add_argument("--config", default="synthparts_tiny")
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / f"{args.name}.md", md + "\n")
     print(md)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.experiments.method", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import run_command
+
 TINY_VISION = {"image_size": 224, "layers": 6, "width": 128, "head_width": 32, "patch_size": 16}
 P8 = json.dumps({**TINY_VISION, "patch_size": 8})
 
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()  # the deadline counts dataset generation too
     args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # report, keep the others
                 print(f"run failed: {e!r}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.experiments.recipe_sweep", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,33 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ..config import CONFIG_DIR, ConfigError, resolve_config_path
-from .losses import LossConfig
 
-__all__ = ["TrainConfig", "DataConfig", "load_train_config", "apply_overrides"]
+__all__ = ["TrainConfig", "DataConfig", "LossConfig", "load_train_config", "apply_overrides"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and options (`partclipseg.training.losses.PartCLIPSegLoss`)."""
+
+    os: float = 1.0
+    obj: float = 1.0
+    part: float = 1.0
+    sep: float = 0.1
+    enh: float = 0.01
+    background_weight: float = 0.05
+    gamma: float = 0.3
+    sep_temperature: float = 0.05
+    # "bce": one-vs-all BCE per channel (the paper). "softmax": cross-entropy, each object-
+    # specific class competing only with its own object's classes and background (what
+    # Oracle-Obj and Pred-All rank), objects with objects, parts with parts: a documented
+    # deviation of the random-init SynthParts recipe (docs/synthparts_recipe.md).
+    kind: str = "bce"
+    # softmax only: class-balance exponent (see `softmax_ce`) of the class and part terms.
+    class_balance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("bce", "softmax"):
+            raise ConfigError(f"loss.kind must be 'bce' or 'softmax', got {self.kind!r}")
 
 
 @dataclass(frozen=True)

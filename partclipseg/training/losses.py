@@ -20,7 +20,6 @@ blurred (3x3 Gaussian) and min-max normalized: map_j over the g x g keys, values
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,10 +28,10 @@ import torch.nn.functional as F
 from runtime.io import IGNORE_LABEL
 from runtime.vocabulary import Vocabulary
 
-from ..config import ConfigError
 from ..model.partclipseg import SegOutput
+from .config import LossConfig
 
-__all__ = ["LossConfig", "PartCLIPSegLoss", "build_targets", "weighted_bce", "softmax_ce",
+__all__ = ["PartCLIPSegLoss", "build_targets", "weighted_bce", "softmax_ce",
            "attention_losses", "stage2_classes", "IGNORE", "DATA_IGNORE"]
 
 IGNORE = -1  # no supervision, in loss targets
@@ -43,29 +42,6 @@ DATA_IGNORE = -1  # object label of pixels that must not be supervised (e.g. uns
 # passes "global count / world size", so that DDP's gradient averaging gives exactly the
 # gradient of the mean over the whole global batch, whatever each rank's share of valid pixels.
 Count = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    os: float = 1.0
-    obj: float = 1.0
-    part: float = 1.0
-    sep: float = 0.1
-    enh: float = 0.01
-    background_weight: float = 0.05
-    gamma: float = 0.3
-    sep_temperature: float = 0.05
-    # "bce": one-vs-all BCE per channel (the paper). "softmax": cross-entropy, each object-
-    # specific class competing only with its own object's classes and background (what
-    # Oracle-Obj and Pred-All rank), objects with objects, parts with parts: a documented
-    # deviation of the random-init SynthParts recipe (docs/synthparts_recipe.md).
-    kind: str = "bce"
-    # softmax only: class-balance exponent (see `softmax_ce`) of the class and part terms.
-    class_balance: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("bce", "softmax"):
-            raise ConfigError(f"loss.kind must be 'bce' or 'softmax', got {self.kind!r}")
 
 
 def build_targets(part: torch.Tensor, obj: torch.Tensor, num_classes: int, num_objects: int

@@ -158,7 +158,8 @@ def test_softmax_loss_ranks_classes_within_their_object():
     compete (Oracle-Obj's ranking); at background pixels every class does. Checked against a
     per-pixel reference."""
     from partclipseg.model.partclipseg import SegOutput
-    from partclipseg.training.losses import LossConfig, PartCLIPSegLoss, softmax_ce
+    from partclipseg.training.config import LossConfig
+    from partclipseg.training.losses import PartCLIPSegLoss, softmax_ce
 
     vocab = Vocabulary.from_names([("a", "x"), ("a", "y"), ("b", "x"), ("b", "z")])
     k, o = vocab.num_classes, len(vocab.objects)

@@ -22,7 +22,7 @@ from partclipseg.checkpoint import load_checkpoint, load_model  # noqa: E402
 from partclipseg.config import ConfigError  # noqa: E402
 from partclipseg.training.config import (CONFIG_DIR, DataConfig, TrainConfig,  # noqa: E402
                                          load_train_config)
-from partclipseg.training.losses import LossConfig  # noqa: E402
+from partclipseg.training.config import LossConfig  # noqa: E402
 from partclipseg.training.trainer import epoch_indices, train  # noqa: E402
 
 
