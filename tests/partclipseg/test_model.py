@@ -255,3 +255,45 @@ def test_stage2_class_selection_equals_the_full_forward(models, vocab, make_batc
     torch.testing.assert_close(sub.logits[:, :3], full.logits[:, classes], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sub.logits[:, -1], full.logits[:, -1])
     torch.testing.assert_close(sub.object_logits, full.object_logits)
+
+
+@pytest.mark.parametrize("mode", ["partclipseg", "clipseg"])
+def test_context_readout_is_linear_in_the_text_and_deployed_as_trained(vocab, make_batch, mode):
+    """context_readout adds <R(F_bg), add_c> / sqrt(D) to stage-1 logits: zero at init (the
+    plain model), trained by the losses, additive in the FiLM add vector, and DeployModel (what
+    export traces) computes the same logits as forward."""
+    from partclipseg.model.deploy import DeployModel, vocab_arrays
+    from runtime import bundle as spec
+    from runtime.io import CLIP_MEAN, CLIP_STD
+
+    torch.manual_seed(0)
+    m = build_model("micro", mode=mode, context_readout=True)
+    torch.manual_seed(0)
+    plain = build_model("micro", mode=mode)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items()
+                           if not k.startswith("readout.")})
+    x, part, obj = make_batch(torch, size=64)
+    assert torch.equal(m(x, vocab).logits, plain(x, vocab).logits)
+    out = m(x, vocab)
+    loss, _ = PartCLIPSegLoss()(out, vocab, *build_targets(part, obj, vocab.num_classes,
+                                                         len(vocab.objects)))
+    loss.backward()
+    assert m.readout.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.nn.init.normal_(m.readout.weight, std=0.3)
+        image = m.image_features(x)
+        cond = m.encode_vocabulary(vocab)
+        feats, _ = m.decode_stage1(image, cond)
+        a, b = cond.film1_add[:2], cond.film1_add[2:4]
+        bg = feats[:, -1]
+        base = m.mask_logits(m.head, feats[:, :2], image)
+        extra = lambda add: m.stage1_logits(feats[:, :2], image, add, bg) - base  # noqa: E731
+        torch.testing.assert_close(extra(a + b), extra(a) + extra(b), atol=1e-5, rtol=1e-4)
+        deploy = DeployModel(m.eval(), CLIP_MEAN, CLIP_STD).eval()
+        u8 = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+        arrays = vocab_arrays(m, vocab)
+        got = deploy(u8, *[torch.from_numpy(arrays[n]) for n in spec.inputs_for_mode(mode)[1:]])
+        ref = m((u8.float() * deploy.scale + deploy.shift).permute(0, 3, 1, 2), vocab)
+    torch.testing.assert_close(got[0], ref.logits, atol=1e-4, rtol=1e-4)
+    if mode == "partclipseg":
+        torch.testing.assert_close(got[1], ref.object_logits, atol=1e-4, rtol=1e-4)
