@@ -164,6 +164,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     from runtime import bundle as spec
 
     from .bundle import staged_bundle, write_manifest, write_vocab
+    from .text import write_text_side
     from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
 
     if opset < 17:
@@ -193,6 +194,11 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         check_in = example_inputs(size, arrays, batch=check_batch, seed=1, dtype=image_dtype)
         names = spec.inputs_for_mode(mode)
         files = {"vocab": spec.VOCAB_FILE}
+        # The text side: new class names at run time, without torch (runtime.text).
+        text_info, text_files = write_text_side(model, stage, opset)
+        files.update(text_files)
+        _log(f"  text side: {', '.join(text_files.values())} (ONNX text tower vs PyTorch: "
+             f"relative error {text_info.parity['rel_error']:.1e})")
         for is_labels in (False, True) if labels else (False,):
             suffix = "_labels" if is_labels else ""
             (fp32_key, fp32_name), (fp16_key, fp16_name) = (
@@ -242,6 +248,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             checkpoint=spec.CheckpointRef(str(ckpt.absolute()), file_sha256(ckpt)),
             onnx=spec.OnnxInfo(opset, tuple(FP16_KEEP_FP32), parities),
             precisions=("fp32", "fp16") if fp16 else ("fp32",), producer=_versions(),
+            text=text_info,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         ).with_files(stage, files)
         write_manifest(stage, manifest)

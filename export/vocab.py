@@ -18,47 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from runtime.errors import run_command
+from runtime.vocabulary import read_class_file
 
 if TYPE_CHECKING:
     from runtime.bundle import Manifest
     from runtime.vocabulary import Vocabulary
 
-__all__ = ["read_class_file", "set_vocabulary", "build_parser", "main"]
-
-
-def read_class_file(path: str | Path) -> Vocabulary:
-    """Parse a class file (see module doc) into a Vocabulary, with line-numbered errors."""
-    from runtime.vocabulary import Vocabulary, VocabularyError
-
-    pairs, unseen = [], set()
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise VocabularyError(f"{path} is not UTF-8 text ({e}); write one \"object's part\" "
-                              "per line") from e
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.endswith("*"):
-            line = line[:-1].strip()
-            mark = True
-        else:
-            mark = False
-        if "'s " not in line:
-            raise VocabularyError(f"{path}:{n}: {raw.strip()!r} is not \"object's part\"")
-        obj, part = (s.strip() for s in line.rsplit("'s ", 1))
-        if not obj or not part:
-            raise VocabularyError(f"{path}:{n}: empty object or part in {raw.strip()!r}")
-        pairs.append((obj, part))
-        if mark:
-            unseen.add(obj)
-    if not pairs:
-        raise VocabularyError(f"{path} lists no classes")
-    if len(set(pairs)) != len(pairs):
-        dup = sorted({f"{o}'s {p}" for o, p in pairs if pairs.count((o, p)) > 1})
-        raise VocabularyError(f"{path} lists classes twice: {dup}")
-    return Vocabulary.from_names(pairs, unseen)
+__all__ = ["set_vocabulary", "build_parser", "main"]
 
 
 def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,

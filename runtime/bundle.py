@@ -6,6 +6,7 @@ A bundle folder holds
   model.onnx        FP32 graph       model_fp16.onnx   FP16 graph   (names: `graph_file`)
   model_labels.onnx, model_fp16_labels.onnx  label-map graphs (export --labels), optional
   model.engine      TensorRT FP16 engine (+ timing.cache), optional
+  tokenizer.json, text.onnx, text_head.npz   the text side: new class names at run time
 
 Engine tensor names are defined here, once, and used by export.
 
@@ -42,20 +43,24 @@ from .io import CLIP_MEAN, CLIP_STD, file_sha256
 from .vocabulary import Vocabulary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMING_CACHE",
+           "TOKENIZER_FILE", "TEXT_ONNX_FILE", "TEXT_HEAD_FILE", "TOKENS", "TEXT_FEATURES",
            "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "VOCAB_INPUTS", "PART_FILM",
            "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "inputs_for_mode", "outputs_for_mode",
            "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef", "OnnxInfo",
-           "EngineInfo", "Manifest", "read_manifest", "read_vocab"]
+           "EngineInfo", "TextInfo", "Manifest", "read_manifest", "read_vocab"]
 
 FORMAT = "partclipseg-bundle"
 FORMAT_VERSION = 1
 MANIFEST, VOCAB_FILE = "manifest.json", "vocab.npz"
 ENGINE, TIMING_CACHE = "model.engine", "timing.cache"
+TOKENIZER_FILE, TEXT_ONNX_FILE, TEXT_HEAD_FILE = "tokenizer.json", "text.onnx", "text_head.npz"
 
 IMAGE = "image"
 LOGITS = "logits"
 OBJECT_LOGITS = "object_logits"
 LABELS = "labels"  # (B, S, S) int32 Pred-All label map, -1 background (label-map graphs)
+TOKENS = "tokens"  # text graph: (N, L) int64 token ids -> TEXT_FEATURES (N, E) float32
+TEXT_FEATURES = "text_features"
 PART_FILM = ("part_film_mul", "part_film_add")
 OBJECT_FILM = ("object_film_mul", "object_film_add")
 CLASS_FILM = ("class_film_mul", "class_film_add")
@@ -200,6 +205,30 @@ class EngineInfo:
                    d.get("build_seconds"))
 
 
+@dataclass(frozen=True)
+class TextInfo:
+    """The text side, for names that are not in the bundle's vocabulary (`runtime.text`).
+
+    Files (manifest keys): "tokenizer" (Hugging Face tokenizers JSON giving open_clip's BPE ids),
+    "text_onnx" (token ids (N, context_length) int64 -> CLIP text features (N, E) float32) and
+    "text_head" (npz: the text-only layers FiLM, FiLM', We and the background vector, which turn
+    features into the graph's vocabulary inputs in numpy). `parity`: the ONNX text tower vs
+    PyTorch on the bundle's own names, measured at export.
+    """
+
+    context_length: int
+    embed_dim: int
+    parity: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"context_length": self.context_length, "embed_dim": self.embed_dim,
+                "parity": dict(self.parity)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TextInfo":
+        return cls(int(d["context_length"]), int(d["embed_dim"]), dict(d.get("parity", {})))
+
+
 # -- the manifest ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Manifest:
@@ -225,6 +254,7 @@ class Manifest:
     precisions: tuple[str, ...] = ("fp32",)
     producer: Mapping[str, str] = field(default_factory=dict)  # package versions
     engine: EngineInfo | None = None
+    text: TextInfo | None = None  # None: exported before the text side was (re-export for it)
     created: str = ""
     format_version: int = FORMAT_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was read from
@@ -262,6 +292,8 @@ class Manifest:
         }
         if self.engine is not None:
             d["engine"] = self.engine.to_dict()
+        if self.text is not None:
+            d["text"] = self.text.to_dict()
         return d
 
     @classmethod
@@ -293,6 +325,7 @@ class Manifest:
                     precisions=tuple(raw.get("precisions", ("fp32",))),
                     producer=dict(raw.get("producer") or {}),
                     engine=opt("engine", EngineInfo.from_dict),
+                    text=opt("text", TextInfo.from_dict),
                     created=str(raw.get("created", "")), format_version=version, path=path)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{where} lacks a valid field ({e!r}); re-export the bundle") from e

@@ -27,7 +27,8 @@ from .errors import DeviceError
 from .postprocess import (BACKGROUND, oracle_obj, pred_all, resize_bilinear, resize_nearest,
                           sigmoid)
 from .preprocess import InputError, check_image, resize_image
-from .vocabulary import Vocabulary, VocabularyError
+from .text import TextSide
+from .vocabulary import Vocabulary, VocabularyError, class_name
 
 __all__ = ["Segmenter", "Prediction"]
 
@@ -64,11 +65,52 @@ class Prediction:
 
 @dataclass(frozen=True)
 class _Selection:
-    """A (sub)vocabulary and the graph inputs for it, split into chunks the backend accepts."""
+    """A vocabulary and the graph inputs for it, split into chunks the backend accepts."""
 
     vocab: Vocabulary
     chunks: tuple[tuple[tuple[int, ...], tuple[int, ...], dict[str, np.ndarray]], ...]
     # per chunk: (class indices in `vocab`, object indices in `vocab`, feed arrays)
+
+
+ClassRequest = Sequence["str | tuple[str, str]"]  # "object's part" names or (object, part)
+
+
+def _class_pairs(classes: ClassRequest) -> tuple[tuple[str, str], ...]:
+    """Checked (object, part) pairs of a class request; InputError / VocabularyError name the
+    first bad entry."""
+    if isinstance(classes, (str, bytes)):
+        raise InputError("classes must be a list of class names, not one string")
+    try:
+        items = list(classes)
+    except TypeError as e:
+        raise InputError(f"classes must be a list of class names, got {type(classes).__name__}"
+                         ) from e
+    if not items:
+        raise VocabularyError("classes is empty: name at least one class, or pass None for "
+                              "the default vocabulary")
+    pairs = []
+    for c in items:
+        if isinstance(c, str):
+            if not c.strip():
+                raise VocabularyError(f"class name {c!r} is empty or whitespace only")
+            if "'s " not in c:
+                raise VocabularyError(f"{c!r} names no part: write \"object's part\" (e.g. "
+                                      "\"cup's handle\") or an (object, part) pair")
+            obj, part = c.rsplit("'s ", 1)
+        elif (isinstance(c, (tuple, list)) and len(c) == 2
+              and all(isinstance(x, str) for x in c)):
+            obj, part = c
+        else:
+            raise InputError(f"classes must be \"object's part\" strings or (object, part) "
+                             f"string pairs, got {type(c).__name__} {c!r}")
+        obj, part = " ".join(obj.split()), " ".join(part.split())
+        if not obj or not part:
+            raise VocabularyError(f"{c!r} has an empty object or part name")
+        pairs.append((obj, part))
+    if len(set(pairs)) != len(pairs):
+        dup = sorted({class_name(*q) for q in pairs if pairs.count(q) > 1})
+        raise VocabularyError(f"duplicate class names in classes: {dup}")
+    return tuple(pairs)
 
 
 class Segmenter:
@@ -77,9 +119,9 @@ class Segmenter:
     SELECTION_CACHE = 32  # class subsets whose graph inputs are kept ready
 
     def __init__(self, manifest: spec.Manifest, arrays: dict[str, np.ndarray], backend: Backend,
-                 max_classes: int | None = None, fast_labels: bool = False):
+                 max_classes: int | None = None, fast_labels: bool = False,
+                 threads: int | None = None):
         self.manifest = manifest
-        self.vocabulary = manifest.vocabulary
         self.mode = manifest.mode
         self.input_size = manifest.input_size
         self.backend = backend
@@ -88,7 +130,10 @@ class Segmenter:
         self.fast_labels = fast_labels
         self._arrays = arrays
         self._image_dtype = np.dtype(manifest.image_dtype)
-        self._selections: OrderedDict[tuple[str, ...] | None, _Selection] = OrderedDict()
+        self._selections: OrderedDict[tuple[tuple[str, str], ...], _Selection] = OrderedDict()
+        self._default: _Selection | None = None  # the bundle's vocabulary, or set_vocabulary's
+        self._text: TextSide | None = None
+        self._threads = threads  # CPU threads of the text encoder too
         self._lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------------------------
@@ -127,7 +172,7 @@ class Segmenter:
         impl = impl_class.open(manifest, BackendOptions(device, precision, threads, fast_labels,
                                                         checkpoint))
         limits = [n for n in (max_classes, impl.max_classes) if n]
-        return cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels)
+        return cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels, threads)
 
     @property
     def backend_name(self) -> str:
@@ -152,14 +197,33 @@ class Segmenter:
                                   f"{self.max_classes} classes; use feeds()")
         return feeds[0]
 
-    def _select(self, classes: Sequence[str] | None) -> _Selection:
-        if classes is not None:
-            if isinstance(classes, str):
-                raise InputError("classes must be a list of class names, not one string")
-            bad = [c for c in classes if not isinstance(c, str)]
-            if bad:
-                raise InputError(f"classes must be class-name strings, got {bad[:3]!r}")
-        key = None if classes is None else tuple(classes)
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The default vocabulary: the bundle's, or the last `set_vocabulary`'s."""
+        return self._select(None).vocab
+
+    def set_vocabulary(self, classes: ClassRequest, unseen_objects: Sequence[str] = ()) -> None:
+        """Make `classes` the default of later calls (`predict(frame)` without `classes`).
+
+        Names outside the bundle's vocabulary are encoded with the bundle's text side (once;
+        cached). Thread-safe: a `predict` running meanwhile uses the old or the new vocabulary,
+        whole. Errors leave the current default in place.
+        """
+        sel = self._build_selection(_class_pairs(classes), tuple(unseen_objects))
+        with self._lock:
+            self._default = sel
+
+    def _select(self, classes: ClassRequest | None) -> _Selection:
+        if classes is None:
+            with self._lock:
+                sel = self._default
+            if sel is None:
+                sel = self._build_selection(None)
+                with self._lock:
+                    self._default = self._default or sel
+                    sel = self._default
+            return sel
+        key = _class_pairs(classes)
         with self._lock:
             sel = self._selections.get(key)
             if sel is not None:
@@ -172,19 +236,38 @@ class Segmenter:
                 self._selections.popitem(last=False)
         return sel
 
-    def _build_selection(self, classes: tuple[str, ...] | None) -> _Selection:
-        full = self.vocabulary
-        if classes is None:
-            idx = list(range(full.num_classes))
+    def _text_side(self) -> TextSide:
+        with self._lock:
+            if self._text is None:
+                self._text = TextSide.open(self.manifest, self._threads)
+            return self._text
+
+    def _build_selection(self, pairs: tuple[tuple[str, str], ...] | None,
+                         unseen_objects: tuple[str, ...] = ()) -> _Selection:
+        """The selection for `pairs` (None: the bundle's vocabulary). Names the bundle has take
+        its precomputed rows; a request with any other name is encoded as a whole."""
+        full, arrays = self.manifest.vocabulary, self._arrays
+        if pairs is None:
+            vocab = full
         else:
-            if len(classes) == 0:
-                raise VocabularyError("classes is empty: name at least one class, or pass "
-                                      "None for the whole vocabulary")
-            if len(set(classes)) != len(classes):
-                dup = sorted({c for c in classes if classes.count(c) > 1})
-                raise VocabularyError(f"duplicate class names in classes: {dup}")
-            idx = [full.index(c) for c in classes]  # unknown names: close matches suggested
-        vocab = full.subset(idx) if classes is not None else full
+            names = [class_name(o, p) for o, p in pairs]
+            known = set(full.class_names)
+            new = [n for n in names if n not in known]
+            if not new:
+                vocab = full.subset([full.index(n) for n in names])
+                if unseen_objects:
+                    vocab = Vocabulary.from_names(pairs, unseen_objects)
+            else:
+                try:
+                    text = self._text_side()
+                except spec.BundleError as e:  # a bundle exported before its text side
+                    try:
+                        full.index(new[0])  # unknown: close matches suggested
+                    except VocabularyError as unknown:
+                        raise VocabularyError(f"{unknown}; {e}") from e
+                    raise
+                vocab = Vocabulary.from_names(pairs, unseen_objects)
+                full, arrays = vocab, text.vocab_arrays(vocab)
         groups = self._chunk(vocab)
         if self.fast_labels and len(groups) > 1:
             raise VocabularyError(f"{vocab.num_classes} classes exceed max_classes "
@@ -192,7 +275,8 @@ class Segmenter:
                                   "chunks: load without fast_labels")
         chunks = []
         for cls_idx, obj_idx in groups:
-            chunks.append((cls_idx, obj_idx, self._feed_arrays(vocab, cls_idx, obj_idx)))
+            chunks.append((cls_idx, obj_idx,
+                           self._feed_arrays(full, arrays, vocab, cls_idx, obj_idx)))
         return _Selection(vocab, tuple(chunks))
 
     def _chunk(self, vocab: Vocabulary) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -224,10 +308,9 @@ class Segmenter:
             groups.append((own, [o], set(parts)))
         return [(tuple(c), tuple(ob)) for c, ob, _ in groups]
 
-    def _feed_arrays(self, vocab: Vocabulary, cls_idx: Sequence[int], obj_idx: Sequence[int]
-                     ) -> dict[str, np.ndarray]:
-        """Rows of the bundle's precomputed arrays for these classes of `vocab`."""
-        full, a = self.vocabulary, self._arrays
+    def _feed_arrays(self, full: Vocabulary, a: dict[str, np.ndarray], vocab: Vocabulary,
+                     cls_idx: Sequence[int], obj_idx: Sequence[int]) -> dict[str, np.ndarray]:
+        """Rows of `a` (the graph inputs of vocabulary `full`) for these classes of `vocab`."""
         names = [vocab.class_names[k] for k in cls_idx]
         rows = np.array([full.index(n) for n in names], np.int64)
         bg = a[spec.OBJECT_FILM[0]].shape[0] - 1

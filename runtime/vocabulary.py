@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import UserError
 
-__all__ = ["Vocabulary", "VocabularyError", "class_name"]
+__all__ = ["Vocabulary", "VocabularyError", "class_name", "read_class_file"]
 
 
 class VocabularyError(UserError, ValueError):
@@ -166,3 +167,41 @@ class Vocabulary:
     def seen_subset(self) -> "Vocabulary":
         """The training vocabulary: classes of seen objects only."""
         return self.subset([k for k, s in enumerate(self.class_seen) if s])
+
+
+def read_class_file(path: str | Path) -> Vocabulary:
+    """A class file as a Vocabulary, with line-numbered errors.
+
+    One object-specific class per line, "object's part" (e.g. "dog's head"); blank lines and
+    '#' comments are skipped; a trailing " *" marks the class's object as unseen (reporting
+    only). Read by `python -m export.vocab` and `partclipseg predict --classes-file`.
+    """
+    pairs, unseen = [], set()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VocabularyError(f"{path} is not UTF-8 text ({e}); write one \"object's part\" "
+                              "per line") from e
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.endswith("*"):
+            line = line[:-1].strip()
+            mark = True
+        else:
+            mark = False
+        if "'s " not in line:
+            raise VocabularyError(f"{path}:{n}: {raw.strip()!r} is not \"object's part\"")
+        obj, part = (s.strip() for s in line.rsplit("'s ", 1))
+        if not obj or not part:
+            raise VocabularyError(f"{path}:{n}: empty object or part in {raw.strip()!r}")
+        pairs.append((obj, part))
+        if mark:
+            unseen.add(obj)
+    if not pairs:
+        raise VocabularyError(f"{path} lists no classes")
+    if len(set(pairs)) != len(pairs):
+        dup = sorted({f"{o}'s {p}" for o, p in pairs if pairs.count((o, p)) > 1})
+        raise VocabularyError(f"{path} lists classes twice: {dup}")
+    return Vocabulary.from_names(pairs, unseen)

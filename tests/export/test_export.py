@@ -133,7 +133,8 @@ def test_export_cli_errors(tmp_path, capsys):
 
 
 def test_new_vocabulary_without_rebuild(tiny_bundle, tiny_ckpt, tmp_path):
-    from export.vocab import main, read_class_file
+    from export.vocab import main
+    from runtime.vocabulary import read_class_file
     from runtime import Segmenter
 
     out = tmp_path / "b"

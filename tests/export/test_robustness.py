@@ -74,7 +74,7 @@ def test_export_never_replaces_what_is_not_a_bundle(micro_ckpt, tmp_path, capsys
                                                 "a's b's c", "\x00's \x00"]),
                                max_size=6).map(lambda ls: "\n".join(ls).encode())))
 def test_class_files_parse_or_are_refused_with_a_line(fuzz_dir, data):
-    from export.vocab import read_class_file
+    from runtime.vocabulary import read_class_file
 
     path = fuzz_dir / "classes.txt"
     path.write_bytes(data)

@@ -175,7 +175,7 @@ def test_predict_cli_writes_overlays_and_counts(tiny_bundle, tmp_path):
     assert main(["predict", "--bundle", str(tiny_bundle), str(tmp_path / "frame.png"),
                  "--out", str(out), "--backend", "onnxruntime"]) == 0
     report = json.loads((out / "predictions.json").read_text())
-    entry = report["images"][str(tmp_path / "frame.png")]
+    entry = report["inputs"][str(tmp_path / "frame.png")]
     assert Image.open(entry["overlay"]).size[0] > 128
     assert sum(entry["pixels"].values()) <= 96 * 128
     assert main(["predict", "--bundle", str(tiny_bundle), str(tmp_path / "nope.png"),

@@ -1,0 +1,117 @@
+"""The text side of a bundle, so the runtime encodes class names it was not exported with.
+
+`write_text_side(model, stage)` writes three files that `runtime.text` reads:
+  tokenizer.json  open_clip's BPE (vocabulary and merges, its split pattern, byte-level
+                  alphabet) as a Hugging Face `tokenizers` tokenizer; the runtime applies
+                  open_clip's clean-up (ftfy, HTML unescape, whitespace, lower case) before it
+  text.onnx       the text tower: token ids (N, L) int64 -> CLIP text features (N, E) float32
+  text_head.npz   the text-only layers as arrays: FiLM, the background vector and, for
+                  partclipseg models, We and FiLM' (`runtime.text.HEAD_ARRAYS` names them)
+and checks the ONNX tower against PyTorch on the model's own vocabulary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime import bundle as spec
+from runtime.text import CLIP_SPLIT_PATTERN, END_OF_TEXT, START_OF_TEXT
+
+__all__ = ["clip_tokenizer", "text_head_arrays", "write_text_side", "TEXT_TOLERANCE"]
+
+TEXT_TOLERANCE = 1e-4  # relative L2 error of the ONNX text features vs PyTorch (FP32)
+
+
+def clip_tokenizer() -> Any:
+    """open_clip's tokenizer as a `tokenizers.Tokenizer`: the same BPE ids for text that has
+    been cleaned as open_clip cleans it (`runtime.text.clean_name`)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    clip = SimpleTokenizer()
+    merges = sorted(clip.bpe_ranks, key=clip.bpe_ranks.get)
+    tok = Tokenizer(models.BPE(vocab=dict(clip.encoder), merges=merges,
+                               continuing_subword_prefix="", end_of_word_suffix="</w>",
+                               fuse_unk=False))
+    # open_clip: re.findall(pattern) over the cleaned text, each piece's UTF-8 bytes mapped to
+    # the byte-level alphabet, then BPE with "</w>" on the piece's last symbol.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # Written in a name they become the special ids, as in open_clip's pattern.
+    tok.add_special_tokens([START_OF_TEXT, END_OF_TEXT])
+    return tok
+
+
+def text_head_arrays(model: Any) -> dict[str, np.ndarray]:
+    """The text-only layers of `model` as float32 arrays (`runtime.text.HEAD_ARRAYS`)."""
+    f = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    arrays = {"film_mul_w": f(model.film.mul.weight), "film_mul_b": f(model.film.mul.bias),
+              "film_add_w": f(model.film.add.weight), "film_add_b": f(model.film.add.bias),
+              "background": f(model.background)}
+    if model.cfg.mode == "partclipseg":
+        arrays.update(
+            embed_mix_w=f(model.embed_mix.weight), embed_mix_b=f(model.embed_mix.bias),
+            film2_mul_w=f(model.film2.mul.weight), film2_mul_b=f(model.film2.mul.bias),
+            film2_add_w=f(model.film2.add.weight), film2_add_b=f(model.film2.add.bias))
+    return arrays
+
+
+def _export_tower(model: Any, path: Path, opset: int) -> None:
+    import torch
+
+    length = model.text.context_length
+    tokens = torch.zeros(2, length, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1] = 49406, 49407
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.text.eval(), (tokens,), str(path), input_names=[spec.TOKENS],
+                          output_names=[spec.TEXT_FEATURES],
+                          dynamic_axes={spec.TOKENS: {0: "names"},
+                                        spec.TEXT_FEATURES: {0: "names"}},
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def write_text_side(model: Any, stage: Path, opset: int = 17) -> tuple[spec.TextInfo,
+                                                                    dict[str, str]]:
+    """Write the three text files into `stage`; returns the manifest's TextInfo and the
+    files ({manifest key: file name}). Raises ValueError when the ONNX tower disagrees with
+    PyTorch beyond TEXT_TOLERANCE on the model's own names."""
+    import onnxruntime as ort
+    import torch
+
+    from runtime.text import TextEncoder
+
+    from .bundle import write_vocab
+
+    stage = Path(stage)
+    clip_tokenizer().save(str(stage / spec.TOKENIZER_FILE))
+    _export_tower(model, stage / spec.TEXT_ONNX_FILE, opset)
+    write_vocab(stage, text_head_arrays(model), spec.TEXT_HEAD_FILE)
+    # Parity on names the trace never saw: tokens from the runtime's own tokenizer.
+    names = ["dog's head", "car", "wheel", "a very long name " * 8, "Ünïcödé  Name!"]
+    encoder = TextEncoder(stage / spec.TOKENIZER_FILE, stage / spec.TEXT_ONNX_FILE,
+                          model.text.context_length, threads=None)
+    tokens = encoder.tokenize(names)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(stage / spec.TEXT_ONNX_FILE), opts,
+                                providers=["CPUExecutionProvider"])
+    got = sess.run(None, {spec.TOKENS: tokens})[0]
+    with torch.no_grad():
+        ref = model.text(torch.from_numpy(tokens)).float().numpy()
+    err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+    if not err <= TEXT_TOLERANCE:
+        raise ValueError(f"the ONNX text tower disagrees with PyTorch (relative error {err:.2e}, "
+                         f"tolerance {TEXT_TOLERANCE:.0e}); the bundle was not written")
+    info = spec.TextInfo(model.text.context_length, int(ref.shape[1]),
+                         {"rel_error": err, "names": len(names)})
+    files = {"tokenizer": spec.TOKENIZER_FILE, "text_onnx": spec.TEXT_ONNX_FILE,
+             "text_head": spec.TEXT_HEAD_FILE}
+    return info, files
