@@ -281,3 +281,18 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             for row in rows:
                 tr.write_line("  " + row)
 
+
+VAL_IMAGES, QUICK_VAL_IMAGES = 40, 16  # SynthParts val images of the parity checks
+
+
+@pytest.fixture(scope="session")
+def val_split(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, Any]:
+    """SynthParts val split (seed 0; 40 images, --quick 16) loaded for both settings."""
+    from partclipseg.data.synthparts import generate
+    from partclipseg.evaluation.evaluate import eval_dataset
+
+    n = QUICK_VAL_IMAGES if bench_options.quick else VAL_IMAGES
+    root = generate(tmp_path_factory.mktemp("synthparts") / "data", seed=0, n_train=0, n_val=n,
+                    progress=False)
+    return {s: eval_dataset("synthparts", str(root), "val", s) for s in ("oracle-obj", "pred-all")}

@@ -23,20 +23,6 @@ from benchmarks.parity import EvalRun, compare, evaluate_segmenter
 SETTINGS = ("oracle-obj", "pred-all")
 MAX_DELTA = {"fp32": 0.05, "fp16": 0.3}  # |d mIoU| in percentage points
 MIN_AGREEMENT = {"fp16": 0.995}          # share of equal labels
-VAL_IMAGES, QUICK_VAL_IMAGES = 40, 16
-
-
-@pytest.fixture(scope="session")
-def val_split(bench_options: Any, tmp_path_factory: pytest.TempPathFactory
-              ) -> dict[str, Any]:
-    """SynthParts val split (seed 0; 40 images, --quick 16) loaded for both settings."""
-    from partclipseg.data.synthparts import generate
-    from partclipseg.evaluation.evaluate import eval_dataset
-
-    n = QUICK_VAL_IMAGES if bench_options.quick else VAL_IMAGES
-    root = generate(tmp_path_factory.mktemp("synthparts") / "data", seed=0, n_train=0, n_val=n,
-                    progress=False)
-    return {s: eval_dataset("synthparts", str(root), "val", s) for s in SETTINGS}
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,8 @@ class TextEncoder:
         self.context_length = context_length
         self.sot = self.tokenizer.token_to_id(START_OF_TEXT)
         self.eot = self.tokenizer.token_to_id(END_OF_TEXT)
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[str, np.ndarray] = {}  # cleaned name -> features
+        self._clean: dict[str, str] = {}  # raw name -> cleaned name
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -97,7 +98,14 @@ class TextEncoder:
 
     def encode(self, names: Sequence[str]) -> np.ndarray:
         """(N, E) float32 text features; each distinct name runs through the tower once."""
-        keys = [clean_name(n) for n in names]
+        with self._lock:
+            keys = [self._clean.get(n) for n in names]
+        if None in keys:  # ftfy is the slow part of a cache hit: clean each raw name once
+            keys = [clean_name(n) if k is None else k for n, k in zip(names, keys)]
+            with self._lock:
+                if len(self._clean) + len(names) > self._cache_size:
+                    self._clean.clear()
+                self._clean.update(zip(names, keys))
         with self._lock:
             todo = sorted({k for k in keys if k not in self._cache})
         if todo:
