@@ -189,6 +189,9 @@ def test_old_bundles_load_and_ask_for_a_reexport_for_new_names(tiny_bundle, tmp_
     assert seg.predict(_image(), classes=known).class_names == tuple(known)
     with pytest.raises(VocabularyError, match="re-export it with python -m export.onnx"):
         seg.predict(_image(), classes=["cup's handle"])
+    typo = known[0].replace("'s ", "s's ", 1)
+    with pytest.raises(VocabularyError, match="did you mean.*re-export"):
+        seg.predict(_image(), classes=[typo])
 
 
 def test_new_names_never_import_torch(tiny_bundle):
