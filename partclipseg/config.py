@@ -67,12 +67,6 @@ class ModelConfig:
     # paper, on pretrained CLIP); on for random-init SynthParts models, whose frozen random ViT
     # tokens carry little part information.
     conv_branch: int = 0
-    # Add a stage-1 logit linear in each condition's FiLM add vector: <R(F_bg), add_c> / sqrt(D),
-    # R a zero-initialized Linear over the background condition's decoder features (condition-
-    # free context at grid resolution), bilinearly upsampled. A score linear in the text
-    # embedding ranks an unseen combination of seen words ("yellow bird") as the sum of its
-    # words' evidence. Off in the paper; `decoder`-side, measured in docs/synthparts_recipe.md.
-    context_readout: bool = False
     # Start the mask heads' output bias at logit(head_prior) (RetinaNet's prior init) instead
     # of PyTorch's default. Each class channel is positive on a few percent of pixels at most;
     # from p = 0.5 a random-init model with BCE spends its first few hundred steps only pushing

@@ -65,7 +65,7 @@ class DeployModel(nn.Module):
             mul, add = vocab
             cond = _conditioning(mul, add)
             feats, _ = m.decode_stage1(image_feats, cond)
-            logits = m.stage1_logits(feats, image_feats, add, feats[:, -1])
+            logits = m.mask_logits(m.head, feats, image_feats)
             return (_labels(logits),) if self.labels else (logits,)
         part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
         p = part_mul.shape[0]
@@ -76,8 +76,7 @@ class DeployModel(nn.Module):
         class_feats = m.stage2_from(part_feats, object_feats, class_part, class_object,
                                     cls_mul, cls_add)
         mark("stage2_mix_film")
-        # Objects (and background) only: the generalized parts' maps are not deployed.
-        object_logits = m.stage1_logits(object_feats, image_feats, obj_add, feats[:, -1])
+        object_logits = m.mask_logits(m.head, object_feats, image_feats)  # parts: not deployed
         logits = torch.cat([m.mask_logits(m.head2, class_feats, image_feats),
                             object_logits[:, -1:]], 1)
         mark("heads")

@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runtime.vocabulary import Vocabulary
@@ -123,10 +122,6 @@ class PartCLIPSeg(nn.Module):
         patch = cfg.patch_size
         self.head = MaskHead(dim, patch, bool(cfg.conv_branch))
         self.conv_branch = ConvBranch(cfg.conv_branch, dim, patch) if cfg.conv_branch else None
-        self.readout = nn.Linear(dim, dim) if cfg.context_readout else None
-        if self.readout is not None:  # starts as the plain model
-            nn.init.zeros_(self.readout.weight)
-            nn.init.zeros_(self.readout.bias)
         if cfg.mode == "partclipseg":
             # Stage 2. Mix and We start as averages of their two inputs (our choice: stage 2
             # then starts from stage-1 features), FiLM' and H' as copies of FiLM and H.
@@ -240,20 +235,6 @@ class PartCLIPSeg(nn.Module):
         out = head(feats.flatten(0, 1).permute(0, 3, 1, 2), image.high_res)
         return out.reshape(b, c, *out.shape[-2:])
 
-    def stage1_logits(self, feats: torch.Tensor, image: ImageFeatures, film_add: torch.Tensor,
-                      background: torch.Tensor) -> torch.Tensor:
-        """Stage-1 logits (B, C, S, S) of conditions with features (B, C, g, g, D) and FiLM add
-        vectors (C, D); background: (B, g, g, D), the background condition's features (the
-        context of `context_readout`)."""
-        logits = self.mask_logits(self.head, feats, image)
-        if self.readout is None:
-            return logits
-        b, g, _, d = background.shape
-        q = self.readout(background).reshape(b, g * g, d)
-        score = (q @ film_add.T).transpose(1, 2).reshape(b, -1, g, g) * d ** -0.5
-        return logits + F.interpolate(score, size=logits.shape[-2:], mode="bilinear",
-                                      align_corners=False)
-
     # -- 3. stage 2 ----------------------------------------------------------------------------
     def stage2_from(self, part_feats: torch.Tensor, object_feats: torch.Tensor,
                     class_part: torch.Tensor, class_object: torch.Tensor,
@@ -293,7 +274,7 @@ class PartCLIPSeg(nn.Module):
                              "stage 2 (pass a vocabulary subset instead)")
         image = self.image_features(images)
         feats, attention = self.decode_stage1(image, cond, need_attention)
-        s1 = self.stage1_logits(feats, image, cond.film1_add, feats[:, -1])
+        s1 = self.mask_logits(self.head, feats, image)
         if self.cfg.mode == "clipseg":
             return SegOutput(logits=s1, attention=attention)
         p, o = cond.num_parts, cond.num_objects
