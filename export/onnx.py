@@ -45,13 +45,15 @@ def parity(ours: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, f
     return {"rel_error": max(rel), "argmax_agreement": agree}
 
 
-def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int) -> None:
+def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int,
+           static: bool = False) -> None:
+    """Export `deploy` traced on `inputs`; static=True (fast slot graphs): no dynamic axes."""
     import torch
 
     from runtime import bundle as spec
 
     mode = deploy.mode
-    names = spec.inputs_for_mode(mode)
+    names = spec.inputs_for_mode(mode) + (spec.slot_masks(mode) if deploy.slots else ())
     outputs = spec.outputs_for_mode(mode, deploy.labels)
     axis = {spec.PART_FILM[0]: "parts", spec.PART_FILM[1]: "parts",
             spec.OBJECT_FILM[0]: "objects_bg", spec.OBJECT_FILM[1]: "objects_bg"}
@@ -63,6 +65,8 @@ def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int) -
     if spec.LABELS in outputs:
         dynamic = {k: v for k, v in dynamic.items() if k in names}
         dynamic[spec.LABELS] = {0: "batch"}
+    if static:
+        dynamic = {}
     args = tuple(torch.from_numpy(inputs[n]) for n in names)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic.
@@ -144,6 +148,7 @@ def _versions() -> dict[str, str]:
 
 def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: int | None = None,
                 image_dtype: str = "uint8", fp16: bool = True, labels: bool = False,
+                fast: Sequence[int] | None = None, slots: dict[str, int] | None = None,
                 check_batch: int = 2,
                 fp32_tolerance: float = FP32_TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE,
                 ) -> Any:
@@ -153,6 +158,9 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     image_dtype: "uint8" or "float32" for the image input (both RGB, 0-255, (B, S, S, 3)).
     labels: also write label-map graphs (Pred-All in the graph, output (B, S, S) int32): the
         fast path on GPUs, where copying per-class maps to the host dominates.
+    fast: batch sizes of fast slot graphs to write (`export.fast`: every dimension static, the
+        vocabulary in zero-padded slots sized by `slots` {"max_parts", "max_objects",
+        "max_classes"}, default `export.fast.DEFAULT_SLOTS`); None: none.
     Raises ExportError when a graph disagrees with PyTorch beyond the tolerances (relative L2
     of the logits on `check_batch` fresh random images).
     """
@@ -236,6 +244,14 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                     raise ExportError(f"{name} disagrees with PyTorch ({shown}); the bundle was "
                                       "not written (the previous one, if any, is untouched)")
 
+        fast_info = None
+        if fast:
+            from .fast import DEFAULT_SLOTS, export_fast_graphs
+
+            fast_info, fast_files = export_fast_graphs(
+                model, stage, arrays, fast, **{**DEFAULT_SLOTS, **(slots or {})}, opset=opset,
+                fp16=fp16, image_dtype=image_dtype, log=_log)
+            files.update(fast_files)
         outputs = {n: spec.TensorSpec(("B", "K+1" if n == spec.LOGITS else "O+1", size, size),
                                       "float32") for n in spec.outputs_for_mode(mode)}
         if labels:
@@ -248,6 +264,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             checkpoint=spec.CheckpointRef(str(ckpt.absolute()), file_sha256(ckpt)),
             onnx=spec.OnnxInfo(opset, tuple(FP16_KEEP_FP32), parities),
             precisions=("fp32", "fp16") if fp16 else ("fp32",), producer=_versions(),
+            fast=fast_info,
             text=text_info,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         ).with_files(stage, files)
@@ -267,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fp16", action="store_true", help="skip model_fp16.onnx")
     p.add_argument("--labels", action="store_true",
                    help="also write label-map graphs (Pred-All in the graph; fast GPU path)")
+    p.add_argument("--fast", type=int, nargs="+", metavar="BATCH",
+                   help="also write fast slot graphs (all dimensions static) for these batch "
+                   "sizes, e.g. --fast 1 8 32 (GPU: CUDA graphs, static TensorRT profiles)")
+    p.add_argument("--max-parts", type=int, default=88, help="fast graphs: part slots (88)")
+    p.add_argument("--max-objects", type=int, default=48, help="fast graphs: object slots (48)")
+    p.add_argument("--max-classes", type=int, default=240,
+                   help="fast graphs: class slots (240; Pascal-Part-116 and ADE20K-Part-234 fit)")
     p.add_argument("--fp32-tolerance", type=float, default=FP32_TOLERANCE)
     p.add_argument("--fp16-tolerance", type=float, default=FP16_TOLERANCE)
     return p
@@ -278,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         export_onnx(a.ckpt, a.out, opset=a.opset, image_size=a.image_size,
                     image_dtype=a.image_dtype, fp16=not a.no_fp16, labels=a.labels,
+                    fast=a.fast, slots={"max_parts": a.max_parts, "max_objects": a.max_objects,
+                                        "max_classes": a.max_classes},
                     fp32_tolerance=a.fp32_tolerance, fp16_tolerance=a.fp16_tolerance)
         return 0
     return run_command("export.onnx", body)

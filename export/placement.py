@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from runtime.errors import run_command
 
-__all__ = ["placement", "build_parser", "main"]
+__all__ = ["placement", "structure", "build_parser", "main"]
 
 
 def placement(onnx_path: str | Path, feed: dict[str, Any], device: str = "cuda") -> dict[str, Any]:
@@ -58,12 +58,38 @@ def placement(onnx_path: str | Path, feed: dict[str, Any], device: str = "cuda")
             "cpu_ops": dict(cpu_ops), "total_nodes": len(optimized.graph.node)}
 
 
+def structure(onnx_path: str | Path) -> dict[str, Any]:
+    """What a graph leaves to the host, read from the graph after ONNX Runtime's constant
+    folding: {shape_ops: Shape nodes left, dynamic: {tensor: shape} of inputs and outputs with
+    a symbolic dimension}. A fast slot graph has neither: nothing for the CPU to compute between
+    kernels, so a CUDA graph can capture it."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+    dynamic = {}
+    for t in list(graph.input) + list(graph.output):
+        dims = [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]
+        if any(isinstance(d, str) for d in dims):
+            dynamic[t.name] = dims
+    return {"graph": Path(onnx_path).name,
+            "shape_ops": sum(n.op_type == "Shape" for n in graph.node), "dynamic": dynamic}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.placement",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--labels", action="store_true", help="the label-map graph")
+    p.add_argument("--fast", type=int, metavar="BATCH",
+                   help="the fast slot graph of this batch size (export.onnx --fast)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--batch", type=int, default=1)
     return p
@@ -77,11 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from partclipseg.model.deploy import example_inputs
 
+        from runtime.bundle import graph_file, pad_to_slots
+
         seg = Segmenter.load(a.bundle, backend="onnxruntime", device="cpu")
-        key = f"onnx_{a.precision}" + ("_labels" if a.labels else "")
+        key, _ = graph_file(a.precision, a.labels, fast_batch=a.fast)
         path = seg.manifest.file(key)
-        feed = example_inputs(seg.input_size, seg.feed(), batch=a.batch)
-        print(json.dumps(placement(path, feed, a.device), indent=2))
+        vocab = seg.feed()
+        if a.fast:
+            vocab = pad_to_slots(vocab, seg.mode, seg.manifest.fast)
+        feed = example_inputs(seg.input_size, vocab, batch=a.fast or a.batch)
+        print(json.dumps({**placement(path, feed, a.device), **structure(path)}, indent=2))
         return 0
     return run_command("export.placement", body)
 

@@ -22,7 +22,7 @@ from runtime.bundle import Manifest
 from runtime.errors import UserError, run_command
 from runtime.io import atomic_write
 
-__all__ = ["build_engine", "engine_bytes", "profile_shapes", "EngineBuildError", "build_parser", "main"]
+__all__ = ["build_engine", "engine_bytes", "profile_shapes", "static_shapes", "EngineBuildError", "build_parser", "main"]
 
 
 class EngineBuildError(UserError, RuntimeError):
@@ -58,6 +58,22 @@ def profile_shapes(manifest: Manifest, min_batch: int, opt_batch: int, max_batch
         sym, rest = dims[0], [int(d) for d in dims[1:]]
         lo, hi = (2, max_classes + 1) if sym == "O+1" else (1, max_classes)
         shapes[name] = [[lo] + rest, [n[sym]] + rest, [hi] + rest]
+    return shapes
+
+
+def static_shapes(onnx_path: str | Path) -> dict[str, list[list[int]]]:
+    """{input: [shape, shape, shape]}: the min = opt = max profile of a graph whose every
+    dimension is fixed (a fast slot graph, `export.onnx --fast`)."""
+    import onnx
+
+    shapes = {}
+    for t in onnx.load(str(onnx_path), load_external_data=False).graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in t.type.tensor_type.shape.dim]
+        if any(d is None or d <= 0 for d in dims):
+            raise EngineBuildError(f"{onnx_path}: input {t.name!r} has dynamic shape {dims}: not "
+                                   "a fast graph (export one with python -m export.onnx --fast)")
+        shapes[t.name] = [dims] * 3
     return shapes
 
 
@@ -100,8 +116,13 @@ def engine_bytes(onnx_path: str | Path, shapes: dict[str, list[list[int]]],
 def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: int = 1,
                  opt_batch: int = 1, max_batch: int = 8, max_classes: int = 128,
                  workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
-                 precision: str = "fp16", flavour: str | None = None) -> Manifest:
-    """Build `bundle/model.engine` from the bundle's ONNX; returns the updated manifest."""
+                 precision: str = "fp16", flavour: str | None = None, fast: bool = False
+                 ) -> Manifest:
+    """Build `bundle/model.engine` from the bundle's ONNX; returns the updated manifest.
+
+    fast: build instead one engine per fast slot graph (`export.onnx --fast`), each with its
+    static profile: `model_fast_b<N>.engine`, recorded as files "engine_fast_b<N>" (the runtime's
+    TensorRT backend runs the logits engine; these are for applications that bind them)."""
     from runtime.backends.tensorrt import current_gpu, import_tensorrt
 
     from .bundle import update_manifest
@@ -116,6 +137,8 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
                                     "export one")
         export_onnx(ckpt, bundle)
     manifest = spec.read_manifest(bundle)
+    if fast:
+        return _build_fast_engines(bundle, manifest, precision, workspace_gib, timing_cache)
     onnx_path = manifest.file(onnx_key)
     shapes = profile_shapes(manifest, min_batch, opt_batch, max_batch, max_classes)
 
@@ -140,6 +163,27 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
     return manifest
 
 
+def _build_fast_engines(bundle: Path, manifest: Manifest, precision: str, workspace_gib: float,
+                        timing_cache: str | Path | None) -> Manifest:
+    from .bundle import update_manifest
+
+    if manifest.fast is None:
+        raise FileNotFoundError(f"{bundle} has no fast graphs: export them with python -m "
+                                "export.onnx --fast 1 8 ...")
+    cache = Path(timing_cache) if timing_cache else bundle / spec.TIMING_CACHE
+    files = {}
+    for b in manifest.fast.batches:
+        onnx_path = manifest.file(spec.graph_file(precision, fast_batch=b)[0])
+        t = time.perf_counter()
+        engine = engine_bytes(onnx_path, static_shapes(onnx_path), workspace_gib, cache)
+        name = f"model_fast_b{b}.engine"
+        atomic_write(bundle / name, lambda tmp, engine=engine: Path(tmp).write_bytes(engine))
+        files[f"engine_fast_b{b}"] = name
+        _log(f"  {onnx_path.name} -> {name}: static profile, {time.perf_counter() - t:.1f} s, "
+             f"{len(engine) / 1e6:.1f} MB")
+    return update_manifest(bundle, files)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="checkpoint (used when the bundle's ONNX must be exported)")
@@ -153,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", help="timing cache file (default BUNDLE/timing.cache)")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
                    help="which ONNX graph to build (default fp16)")
+    p.add_argument("--fast", action="store_true",
+                   help="build one engine per fast slot graph (static profiles) instead")
     p.add_argument("--flavour", choices=["tensorrt", "tensorrt_rtx"],
                    help="TensorRT flavour (default: full TensorRT if installed, else RTX)")
     return p
@@ -163,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         build_engine(a.out, a.ckpt, a.min_batch, a.opt_batch, a.max_batch, a.max_classes,
-                     a.workspace, a.timing_cache, a.precision, a.flavour)
+                     a.workspace, a.timing_cache, a.precision, a.flavour, a.fast)
         return 0
     return run_command("export.trt", body)
 

@@ -47,7 +47,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMI
            "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "VOCAB_INPUTS", "PART_FILM",
            "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "inputs_for_mode", "outputs_for_mode",
            "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef", "OnnxInfo",
-           "EngineInfo", "TextInfo", "Manifest", "read_manifest", "read_vocab"]
+           "EngineInfo", "TextInfo", "FastInfo", "Manifest", "slot_masks", "OBJECT_VALID",
+           "CLASS_VALID", "pad_to_slots", "read_manifest", "read_vocab"]
 
 FORMAT = "partclipseg-bundle"
 FORMAT_VERSION = 1
@@ -66,6 +67,8 @@ OBJECT_FILM = ("object_film_mul", "object_film_add")
 CLASS_FILM = ("class_film_mul", "class_film_add")
 CLASS_INDEX = ("class_part", "class_object")
 VOCAB_INPUTS = PART_FILM + OBJECT_FILM + CLASS_FILM + CLASS_INDEX
+# Fast (slot) graphs only: which vocabulary slots hold a class (the rest are zero padding).
+OBJECT_VALID, CLASS_VALID = "object_valid", "class_valid"
 
 MODES = ("partclipseg", "clipseg")
 IMAGE_DTYPES = ("uint8", "float32")
@@ -79,18 +82,27 @@ def inputs_for_mode(mode: str) -> tuple[str, ...]:
     return (IMAGE,) + VOCAB_INPUTS
 
 
+def slot_masks(mode: str) -> tuple[str, ...]:
+    """The validity-mask inputs a fast graph takes after the vocabulary arrays:
+    object_valid (O_max + 1,) bool (clipseg: over the K_max + 1 class rows) and, for
+    partclipseg, class_valid (K_max,) bool."""
+    return (OBJECT_VALID,) if mode == "clipseg" else (OBJECT_VALID, CLASS_VALID)
+
+
 def outputs_for_mode(mode: str, labels: bool = False) -> tuple[str, ...]:
     if labels:
         return (LABELS,)
     return (LOGITS,) if mode == "clipseg" else (LOGITS, OBJECT_LOGITS)
 
 
-def graph_file(precision: str, labels: bool = False) -> tuple[str, str]:
-    """(manifest key, file name) of an ONNX graph: the logits graph or (labels=True) the
-    label-map graph (`export.onnx --labels`), FP32 or FP16. The one place graphs are named."""
+def graph_file(precision: str, labels: bool = False, fast_batch: int | None = None
+               ) -> tuple[str, str]:
+    """(manifest key, file name) of an ONNX graph: the logits graph, the label-map graph
+    (labels=True, `export.onnx --labels`) or the fast slot graph for one batch size
+    (fast_batch=n, `export.onnx --fast`), FP32 or FP16. The one place graphs are named."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    suffix = "_labels" if labels else ""
+    suffix = f"_fast_b{int(fast_batch)}" if fast_batch else ("_labels" if labels else "")
     name = "model" + ("_fp16" if precision == "fp16" else "") + suffix + ".onnx"
     return f"onnx_{precision}{suffix}", name
 
@@ -206,6 +218,29 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class FastInfo:
+    """The fast slot graphs (`export.onnx --fast`): every dimension static; one graph per batch
+    size in `batches`; vocabularies up to `max_parts` parts, `max_objects` objects and
+    `max_classes` classes fill zero-padded slots (larger ones run the other graphs)."""
+
+    batches: tuple[int, ...]
+    max_parts: int
+    max_objects: int
+    max_classes: int
+    agreement: Mapping[str, float] = field(default_factory=dict)  # vs the exact path, export
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batches": list(self.batches), "max_parts": self.max_parts,
+                "max_objects": self.max_objects, "max_classes": self.max_classes,
+                "agreement": dict(self.agreement)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FastInfo":
+        return cls(tuple(int(b) for b in d["batches"]), int(d["max_parts"]),
+                   int(d["max_objects"]), int(d["max_classes"]), dict(d.get("agreement", {})))
+
+
+@dataclass(frozen=True)
 class TextInfo:
     """The text side, for names that are not in the bundle's vocabulary (`runtime.text`).
 
@@ -255,6 +290,7 @@ class Manifest:
     producer: Mapping[str, str] = field(default_factory=dict)  # package versions
     engine: EngineInfo | None = None
     text: TextInfo | None = None  # None: exported before the text side was (re-export for it)
+    fast: FastInfo | None = None  # the fast slot graphs, when exported with --fast
     created: str = ""
     format_version: int = FORMAT_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was read from
@@ -294,6 +330,8 @@ class Manifest:
             d["engine"] = self.engine.to_dict()
         if self.text is not None:
             d["text"] = self.text.to_dict()
+        if self.fast is not None:
+            d["fast"] = self.fast.to_dict()
         return d
 
     @classmethod
@@ -326,6 +364,7 @@ class Manifest:
                     producer=dict(raw.get("producer") or {}),
                     engine=opt("engine", EngineInfo.from_dict),
                     text=opt("text", TextInfo.from_dict),
+                    fast=opt("fast", FastInfo.from_dict),
                     created=str(raw.get("created", "")), format_version=version, path=path)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{where} lacks a valid field ({e!r}); re-export the bundle") from e
@@ -403,6 +442,46 @@ def read_manifest(bundle: str | Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path} is corrupt or truncated ({e}); re-export the bundle") from e
     return Manifest.from_dict(raw, path)
+
+
+def pad_to_slots(arrays: Mapping[str, np.ndarray], mode: str, fast: FastInfo
+                 ) -> dict[str, np.ndarray]:
+    """A vocabulary's graph inputs (`read_vocab` layout) in the fast graphs' fixed slots:
+    rows zero-padded to max_parts / max_objects + 1 (background kept last) / max_classes,
+    padded class indices 0, plus the masks `slot_masks(mode)` that mark the real rows.
+    Raises BundleError naming the limit when the vocabulary does not fit."""
+    obj = arrays[OBJECT_FILM[0]]
+    n_obj = obj.shape[0] - 1  # objects (clipseg: classes) before the background row
+    limits = {"objects": (n_obj, fast.max_classes if mode == "clipseg" else fast.max_objects)}
+    if mode != "clipseg":
+        limits["parts"] = (arrays[PART_FILM[0]].shape[0], fast.max_parts)
+        limits["classes"] = (arrays[CLASS_FILM[0]].shape[0], fast.max_classes)
+    over = {k: v for k, v in limits.items() if v[0] > v[1]}
+    if over:
+        raise BundleError("the vocabulary does not fit the fast graphs' slots ("
+                          + ", ".join(f"{n} {k} > {lim}" for k, (n, lim) in over.items())
+                          + "): re-export with larger --max-parts / --max-objects / "
+                          "--max-classes, or run the other graphs")
+    rows = limits["objects"][1] + 1
+
+    def pad(a: np.ndarray, n: int, keep_last: bool = False) -> np.ndarray:
+        out = np.zeros((n,) + a.shape[1:], a.dtype)
+        if keep_last:
+            out[:a.shape[0] - 1], out[-1] = a[:-1], a[-1]
+        else:
+            out[:a.shape[0]] = a
+        return out
+
+    valid = np.zeros(rows, bool)
+    valid[:n_obj], valid[-1] = True, True
+    out = {n: pad(arrays[n], rows, keep_last=True) for n in OBJECT_FILM}
+    out[OBJECT_VALID] = valid
+    if mode != "clipseg":
+        k = arrays[CLASS_FILM[0]].shape[0]
+        out.update({n: pad(arrays[n], fast.max_parts) for n in PART_FILM})
+        out.update({n: pad(arrays[n], fast.max_classes) for n in CLASS_FILM + CLASS_INDEX})
+        out[CLASS_VALID] = np.arange(fast.max_classes) < k
+    return out
 
 
 def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:

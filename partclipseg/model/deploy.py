@@ -33,14 +33,23 @@ class DeployModel(nn.Module):
     float32 logits (sigmoid gives probabilities), background last.
     With `labels=True` it returns only `labels` (B, S, S) int32: the Pred-All label map at model
     resolution (-1 = background), so a GPU never copies the per-class maps back to the host.
+
+    With `slots=True` (label maps only) the vocabulary comes as fixed-size slot arrays plus
+    validity masks, the last inputs (`runtime.bundle.SLOT_MASKS`): `object_valid` (O_max + 1,)
+    bool over the object rows (background last, always valid; clipseg: the class rows) and
+    `class_valid` (K_max,) bool (partclipseg). Invalid slots get -inf before every argmax, so
+    a padded slot never wins; exported with every dimension static (the fast graph).
     """
 
     def __init__(self, model: PartCLIPSeg, mean: tuple[float, ...], std: tuple[float, ...],
-                 labels: bool = False):
+                 labels: bool = False, slots: bool = False):
         super().__init__()
+        if slots and not labels:
+            raise ValueError("slot graphs give label maps: use labels=True with slots=True")
         self.model = model.eval()
         self.mode = model.cfg.mode
         self.labels = labels
+        self.slots = slots
         # Folded into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
         std_t = torch.tensor(std, dtype=torch.float32)
         self.register_buffer("scale", 1.0 / (255.0 * std_t))
@@ -54,6 +63,10 @@ class DeployModel(nn.Module):
         """`forward`, calling `mark(stage)` after each stage ("normalize", "vit",
         "stage1_decoder", "stage2_mix_film", "heads"): the GPU profile's timing points."""
         m = self.model
+        valid: tuple[torch.Tensor, ...] = ()
+        if self.slots:  # the validity masks follow the vocabulary arrays
+            vocab, valid = vocab[:-len(spec.slot_masks(self.mode))], \
+                vocab[-len(spec.slot_masks(self.mode)):]
         mark("start")
         # Cast before the transpose: TensorRT transposes no uint8 tensors.
         # (In the model's precision: a .half() DeployModel normalizes in FP16.)
@@ -66,6 +79,8 @@ class DeployModel(nn.Module):
             cond = _conditioning(mul, add)
             feats, _ = m.decode_stage1(image_feats, cond)
             logits = m.mask_logits(m.head, feats, image_feats)
+            if self.slots:
+                logits = _mask_rows(logits, valid[0])
             return (_labels(logits),) if self.labels else (logits,)
         part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
         p = part_mul.shape[0]
@@ -80,9 +95,19 @@ class DeployModel(nn.Module):
         logits = torch.cat([m.mask_logits(m.head2, class_feats, image_feats),
                             object_logits[:, -1:]], 1)
         mark("heads")
+        if self.slots:
+            object_valid, class_valid = valid
+            object_logits = _mask_rows(object_logits, object_valid)
+            logits = _mask_rows(logits, torch.cat([class_valid, object_valid[-1:]]))
         if self.labels:
             return (_labels(logits, object_logits, class_object),)
         return logits, object_logits
+
+
+def _mask_rows(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, R, S, S) logits with the rows where `valid` (R,) is False set to -inf."""
+    return torch.where(valid.reshape(1, -1, 1, 1), logits,
+                       torch.full_like(logits[:, :1], -torch.inf))
 
 
 def _labels(logits: torch.Tensor, object_logits: torch.Tensor | None = None,

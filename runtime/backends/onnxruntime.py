@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 import numpy as np
 
-from ..bundle import BundleError, Manifest, graph_file
+from ..bundle import IMAGE, LABELS, BundleError, Manifest, graph_file, pad_to_slots
 from ..errors import DeviceError
 from . import BackendOptions, default_precision, register
 
-__all__ = ["OnnxRuntimeBackend", "cuda_available"]
+__all__ = ["OnnxRuntimeBackend", "SlotGraphs", "cuda_available"]
+
+log = logging.getLogger("runtime")
 
 
 def cuda_available() -> bool:
@@ -36,10 +40,13 @@ class OnnxRuntimeBackend:
     max_classes = None  # dynamic class dimensions: any vocabulary in one call
 
     @classmethod
-    def open(cls, manifest: Manifest, options: BackendOptions) -> "OnnxRuntimeBackend":
-        """The bundle's FP32 or FP16 graph, the label-map one with `options.labels`."""
+    def open(cls, manifest: Manifest, options: BackendOptions) -> "OnnxRuntimeBackend | SlotGraphs":
+        """The bundle's FP32 or FP16 graph; with `options.labels` its fast slot graphs when it
+        has them (`export.onnx --fast`), else its label-map graph."""
         device = options.device or "cpu"
         precision = default_precision(device, options.precision)
+        if options.labels and manifest.fast is not None:
+            return SlotGraphs(manifest, device, options.threads, precision)
         key, _ = graph_file(precision, options.labels)
         if options.labels and not manifest.has(key):
             raise BundleError(f"{manifest.root} has no label-map graph; export it with "
@@ -47,7 +54,8 @@ class OnnxRuntimeBackend:
         return cls(str(manifest.file(key)), device, options.threads, precision=precision)
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
-                 io_binding: bool | None = None, precision: str = "fp32"):
+                 io_binding: bool | None = None, precision: str = "fp32",
+                 cuda_graph: bool = False):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -69,8 +77,20 @@ class OnnxRuntimeBackend:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        # CUDA graphs (static graphs only): the whole graph replays as one launch; ONNX Runtime
+        # refuses graphs with CPU nodes or dynamic shapes, and then this falls back, saying so.
+        self._static: dict[str, Any] | None = None
+        if cuda_graph and device == "cuda":
+            try:
+                self.session = ort.InferenceSession(path, opts, providers=[
+                    ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})])
+                self._static = {}
+            except Exception as e:  # capture refused at session creation
+                log.warning("runtime: CUDA graph capture refused for %s (%s); running without",
+                            path, str(e).splitlines()[0][:200])
         try:
-            self.session = ort.InferenceSession(path, opts, providers=providers)
+            if self._static is None:
+                self.session = ort.InferenceSession(path, opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
             raise BundleError(f"{path} cannot be loaded by ONNX Runtime ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:300]}); it is corrupt or truncated: "
@@ -87,6 +107,7 @@ class OnnxRuntimeBackend:
         # the CPU a plain run returns its outputs without the binding's extra copy.
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         self._ort = ort
+        self._lock = threading.Lock()
         self._resident: dict[int, tuple[np.ndarray, Any]] = {}  # id(array) -> (array, OrtValue)
 
     def _value(self, array: np.ndarray) -> Any:
@@ -102,10 +123,34 @@ class OnnxRuntimeBackend:
             self._resident[id(array)] = (array, value)
         return value
 
+    def _run_captured(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """CUDA graph replay: the same device buffers every call (inputs copied in place)."""
+        ort = self._ort
+        with self._lock:
+            if not self._static:
+                io = self.session.io_binding()
+                for n in self.input_names:
+                    v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed[n]), "cuda", 0)
+                    self._static[n] = v
+                    io.bind_ortvalue_input(n, v)
+                for o in self.session.get_outputs():
+                    dtype = np.int32 if o.type == "tensor(int32)" else np.float32
+                    v = ort.OrtValue.ortvalue_from_shape_and_type(o.shape, dtype, "cuda", 0)
+                    self._static[o.name] = v
+                    io.bind_ortvalue_output(o.name, v)
+                self._binding = io
+            else:
+                for n in self.input_names:
+                    self._static[n].update_inplace(np.ascontiguousarray(feed[n]))
+            self.session.run_with_iobinding(self._binding)
+            return {n: self._static[n].numpy() for n in self.output_names}
+
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Inputs by name -> outputs by name. With I/O binding (the CUDA default) the image
         crosses to the GPU once, vocabulary vectors stay resident, outputs are allocated on the
         GPU and copied back once (a label-map graph copies only (B, S, S) int32)."""
+        if self._static is not None:
+            return self._run_captured(feed)
         if not self.io_binding:
             out = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
             return dict(zip(self.output_names, out))
@@ -119,3 +164,60 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+class SlotGraphs:
+    """A bundle's fast slot graphs (`export.onnx --fast`) behind the backend interface: one
+    session per exported batch size (captured in a CUDA graph on the GPU). `run` pads the
+    vocabulary into the slots and the batch up to the next exported size (larger batches in
+    pieces of the largest), so every call has the shapes the graphs were built with.
+    Output: {"labels": (B, S, S) int32}."""
+
+    name = "onnxruntime"
+    max_classes = None  # the slots bound the vocabulary; `pad_to_slots` names an overflow
+
+    def __init__(self, manifest: Manifest, device: str, threads: int | None, precision: str):
+        self.fast, self.mode = manifest.fast, manifest.mode
+        self.sessions = {
+            b: OnnxRuntimeBackend(str(manifest.file(graph_file(precision, fast_batch=b)[0])),
+                                  device, threads, precision=precision,
+                                  cuda_graph=device == "cuda")
+            for b in self.fast.batches}
+        first = self.sessions[self.fast.batches[0]]
+        self.device, self.precision = device, precision
+        self.input_names, self.output_names = first.input_names, (LABELS,)
+        self._slots: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
+        self._lock = threading.Lock()
+
+    def _padded(self, vocab: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Slot arrays of a selection's feed, kept while the same feed comes back."""
+        key = id(vocab.get(next(iter(sorted(vocab)))))
+        with self._lock:
+            hit = self._slots.get(key)
+            if hit is not None and all(hit[0][n] is vocab[n] for n in vocab):
+                return hit[1]
+        slots = pad_to_slots(vocab, self.mode, self.fast)
+        with self._lock:
+            if len(self._slots) > 64:
+                self._slots.clear()
+            self._slots[key] = (dict(vocab), slots)
+        return slots
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        image = feed[IMAGE]
+        slots = self._padded({k: v for k, v in feed.items() if k != IMAGE})
+        largest = self.fast.batches[-1]
+        out = []
+        for start in range(0, image.shape[0], largest):
+            part = image[start:start + largest]
+            b = next(s for s in self.fast.batches if s >= part.shape[0])
+            if b > part.shape[0]:  # zero frames fill the static batch; their labels are dropped
+                part = np.concatenate([part, np.zeros((b - part.shape[0],) + part.shape[1:],
+                                                      part.dtype)])
+            labels = self.sessions[b].run({IMAGE: part, **slots})[LABELS]
+            out.append(labels[:min(largest, image.shape[0] - start)])
+        return {LABELS: np.concatenate(out)}
+
+    def close(self) -> None:
+        for s in self.sessions.values():
+            s.close()
