@@ -144,6 +144,12 @@ def bench_report(pytestconfig: pytest.Config) -> BenchReport:
     return pytestconfig.stash[_REPORT]
 
 
+# Fast slot graphs of the bench bundle, with slots that fit SynthParts' 13 parts, 16 objects and
+# 88 classes (`benchmarks/test_fast.py` compares them with the label-map graph).
+FAST_BATCHES = (1, 8)
+FAST_SLOTS = {"max_parts": 16, "max_objects": 16, "max_classes": 96}
+
+
 @pytest.fixture(scope="session")
 def bench_bundle(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathFactory
                  ) -> BenchBundle:
@@ -162,13 +168,14 @@ def bench_bundle(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathF
     if opts.checkpoint is not None:
         if not opts.checkpoint.is_file():
             raise FileNotFoundError(f"--ckpt {opts.checkpoint} does not exist")
-        built = build_bundle(out, checkpoint=opts.checkpoint)
+        built = build_bundle(out, checkpoint=opts.checkpoint, fast=FAST_BATCHES, slots=FAST_SLOTS)
         source = f"trained {opts.checkpoint}"
     elif demo.is_file():
-        built = build_bundle(out, checkpoint=demo)
+        built = build_bundle(out, checkpoint=demo, fast=FAST_BATCHES, slots=FAST_SLOTS)
         source = f"trained {DEMO_CHECKPOINT}"
     else:
-        built = build_bundle(out, config="tiny", vocab=synthparts_vocabulary(), check_batch=1)
+        built = build_bundle(out, config="tiny", vocab=synthparts_vocabulary(), check_batch=1,
+                             fast=FAST_BATCHES, slots=FAST_SLOTS)
         source = "random-init tiny"
     return BenchBundle(out, built.checkpoint, source)
 

@@ -77,7 +77,8 @@ def write_random_checkpoint(path: str | Path, config: str = "vit_b16",
 
 def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | None = None,
                  seed: int = 0, fp16: bool = True, check_batch: int = 1,
-                 checkpoint: str | Path | None = None) -> BuiltBundle:
+                 checkpoint: str | Path | None = None, fast: Sequence[int] | None = None,
+                 slots: dict[str, int] | None = None) -> BuiltBundle:
     """Export a bundle (FP32 + FP16 ONNX) of a random-init model to folder `out`.
 
     checkpoint: export this existing checkpoint instead of writing a random one (a trained
@@ -85,6 +86,7 @@ def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | N
         `checkpoint_path_for(out)`.
     check_batch: images of export's own ONNX Runtime (CPU) vs PyTorch parity check; keep it
         small for ViT-B/16 (each image runs the full model on the CPU twice per precision).
+    fast, slots: also fast slot graphs for these batch sizes (`export.onnx --fast`).
     """
     from export.onnx import export_onnx
 
@@ -93,7 +95,8 @@ def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | N
     if checkpoint is None:
         checkpoint = write_random_checkpoint(checkpoint_path_for(out), config, vocab, seed)
     t1 = time.perf_counter()
-    manifest = export_onnx(checkpoint, out, fp16=fp16, labels=True, check_batch=check_batch)
+    manifest = export_onnx(checkpoint, out, fp16=fp16, labels=True, check_batch=check_batch,
+                           fast=fast, slots=slots)
     t2 = time.perf_counter()
     return BuiltBundle(out, Path(checkpoint), manifest, {"checkpoint": t1 - t0, "export": t2 - t1})
 

@@ -22,7 +22,8 @@ from runtime.bundle import Manifest
 from runtime.errors import UserError, run_command
 from runtime.io import atomic_write
 
-__all__ = ["build_engine", "engine_bytes", "profile_shapes", "static_shapes", "EngineBuildError", "build_parser", "main"]
+__all__ = ["build_engine", "engine_bytes", "profile_shapes", "static_shapes", "EngineBuildError",
+           "build_parser", "main"]
 
 
 class EngineBuildError(UserError, RuntimeError):
