@@ -258,14 +258,15 @@ class Segmenter:
                 if unseen_objects:
                     vocab = Vocabulary.from_names(pairs, unseen_objects)
             else:
-                try:
-                    text = self._text_side()
-                except spec.BundleError as e:  # a bundle exported before its text side
+                if self.manifest.text is None:  # exported before the text side existed
                     try:
                         full.index(new[0])  # unknown: close matches suggested
                     except VocabularyError as unknown:
-                        raise VocabularyError(f"{unknown}; {e}") from e
-                    raise
+                        raise VocabularyError(
+                            f"{unknown}; {self.manifest.root} was exported without its text "
+                            "side, so it takes only the names it was exported with: re-export "
+                            "it with python -m export.onnx to use new class names") from None
+                text = self._text_side()
                 vocab = Vocabulary.from_names(pairs, unseen_objects)
                 full, arrays = vocab, text.vocab_arrays(vocab)
         groups = self._chunk(vocab)

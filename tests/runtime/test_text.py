@@ -239,3 +239,23 @@ def test_predict_cli_takes_new_names_from_a_file_and_videos(tiny_bundle, tmp_pat
                  str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "o2" / "bad.mp4").exists()
     assert not (tmp_path / "o2" / "predictions.json").exists()
+
+
+@pytest.mark.parametrize("key", ["tokenizer", "text_onnx", "text_head"])
+def test_a_damaged_text_file_is_named_before_it_is_used(tiny_bundle, tmp_path, key):
+    """Each text-side file's SHA-256 is checked when the text side opens (the first new name):
+    one flipped byte is a BundleError naming the file, and nothing is cached."""
+    import shutil
+
+    from runtime.bundle import BundleError
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    path = b / spec.read_manifest(b).files[key].path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    seg = Segmenter.load(b, backend="onnxruntime")  # the image side is untouched
+    with pytest.raises(BundleError, match=f"{path.name} is corrupt"):
+        seg.predict(_image(), classes=NEW[:1])
+    assert seg._text is None and not seg._selections
