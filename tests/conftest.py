@@ -130,3 +130,15 @@ def synth_root(tmp_path_factory) -> Path:
 def fuzz_dir(tmp_path_factory) -> Path:
     """A scratch folder the fuzzing tests overwrite example after example."""
     return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture
+def tensorrt_builder() -> None:
+    """Skip (with the reason) unless a TensorRT flavour that can build engines is installed
+    (CI: TensorRT-RTX, which builds on CPU-only machines)."""
+    from runtime.backends.tensorrt import TensorRTUnavailable, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as e:
+        pytest.skip(str(e))

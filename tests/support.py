@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,3 +86,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
             proc.kill()
             raise AssertionError(f"timed out waiting for {path}")
         time.sleep(0.05)
+
+
+def assert_imports_none(code: str, modules: tuple[str, ...] = ("torch", "open_clip",
+                                                              "partclipseg", "export")) -> None:
+    """Run `code` in a fresh interpreter and fail if it leaves any of `modules` imported."""
+    check = (f"\nimport sys\nbad = [m for m in {modules!r} if m in sys.modules]\n"
+             "print(bad)\nsys.exit(1 if bad else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr

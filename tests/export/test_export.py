@@ -213,15 +213,9 @@ def test_profile_shapes_cover_the_vocabulary(tiny_bundle):
 
 
 @pytest.mark.tensorrt
-def test_engine_builds_with_tensorrt(tiny_bundle, tmp_path):
+def test_engine_builds_with_tensorrt(tensorrt_builder, tiny_bundle, tmp_path):
     """Parses model_fp16.onnx strongly typed and builds a real engine (TensorRT-RTX runs its
     builder on CPU-only machines; executing the engine needs a supported GPU)."""
-    from runtime.backends.tensorrt import TensorRTUnavailable, import_tensorrt
-
-    try:
-        import_tensorrt()
-    except TensorRTUnavailable as e:
-        pytest.skip(str(e))
     from export.trt import main
 
     out = tmp_path / "b"
@@ -280,14 +274,8 @@ def test_placement_reports_every_node_on_its_provider(tiny_bundle):
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("key", ["onnx_fp32", "onnx_fp16", "onnx_fp32_labels", "onnx_fp16_labels"])
-def test_every_exported_graph_builds_with_tensorrt(tiny_bundle, key):
+def test_every_exported_graph_builds_with_tensorrt(tensorrt_builder, tiny_bundle, key):
     """Not only the engine's graph: every graph a bundle holds parses strongly typed and builds."""
-    from runtime.backends.tensorrt import TensorRTUnavailable, import_tensorrt
-
-    try:
-        import_tensorrt()
-    except TensorRTUnavailable as e:
-        pytest.skip(str(e))
     from export.trt import engine_bytes, profile_shapes
 
     manifest = spec.read_manifest(tiny_bundle)

@@ -99,17 +99,12 @@ def test_clipseg_fast_graph(tiny_clipseg_ckpt, tmp_path, synth_root):
 
 
 @pytest.mark.tensorrt
-def test_fast_graphs_build_with_static_tensorrt_profiles(fast_bundle, tmp_path):
+def test_fast_graphs_build_with_static_tensorrt_profiles(tensorrt_builder, fast_bundle,
+                                                         tmp_path):
     """`export.trt --fast`: every FP16 fast graph parses strongly typed and builds with
     min = opt = max shapes; the engines are recorded in the manifest."""
     import shutil
 
-    from runtime.backends.tensorrt import TensorRTUnavailable, import_tensorrt
-
-    try:
-        import_tensorrt()
-    except TensorRTUnavailable as e:
-        pytest.skip(str(e))
     from export.trt import main, static_shapes
 
     b = tmp_path / "b"
