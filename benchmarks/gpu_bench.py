@@ -50,6 +50,10 @@ from runtime.errors import run_command
 
 BATCHES = (1, 8, 32)
 TARGET_B1_MS = 1.0           # DESIGN section 6, GPU: exported FP16 predict, batch 1
+# Fast slot graphs of the reference bundle: batch 1 and 32 (the two targets; batch 8 runs
+# padded in the 32 graph), slots that fit Pascal-Part-116 (116 classes, 42 parts, 16 objects).
+FAST_BATCHES = (1, 32)
+FAST_SLOTS = {"max_parts": 48, "max_objects": 16, "max_classes": 120}
 TARGET_VS_TORCH = 10.0       # ... >= 10x faster than PyTorch eager FP32 in the same run
 TARGET_B32_IMG_S = 2500.0    # ... batch 32 >= 2500 images/s
 FP16_MIN_AGREEMENT = 0.995
@@ -141,6 +145,7 @@ def get_bundle(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
     try:
         m = read_manifest(out)
         graphs = [graph_file(p, labels)[0] for p in ("fp32", "fp16") for labels in (False, True)]
+        graphs += [graph_file(p, fast_batch=b)[0] for p in ("fp32", "fp16") for b in FAST_BATCHES]
         if (m.model_name == want and ckpt.is_file() and all(m.has(k) for k in graphs)
                 and not args.rebuild):
             for k in graphs:
@@ -150,7 +155,7 @@ def get_bundle(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
     except BundleError:
         pass
     log(f"building the {want} reference bundle in {out} (export on {os.cpu_count()} CPU cores)")
-    built = build_bundle(out, config=want, check_batch=1)
+    built = build_bundle(out, config=want, check_batch=1, fast=FAST_BATCHES, slots=FAST_SLOTS)
     return out, built.checkpoint, {"reused": False, "seconds": built.seconds,
                                    "parity": built.manifest.onnx.parity}
 
@@ -320,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def record(route: str, call: str, b: int, t: Timing) -> None:
         result["latency_ms"].setdefault(route, {}).setdefault(call, {})[f"b{b}"] = t.to_dict(b)
-        log(f"  {route:<10} {call:<8} b{b:<3} median {t.median_ms:9.3f} ms ({t.runs} runs)")
+        log(f"  {route:<13} {call:<8} b{b:<3} median {t.median_ms:9.3f} ms ({t.runs} runs)")
 
     def attempt(route: str, what: str, fn: Callable[[], Any]) -> Any:
         if budget.left() < 10:
@@ -365,9 +370,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             segs[f"ort-{prec}"] = sg
         # Label-map graph (export --labels): Pred-All in the graph, label maps cross to host.
         sg = attempt(f"ort-{prec}-lbl", "segmenter", lambda: Segmenter.load(
-            bundle, backend="onnxruntime", device=device, precision=prec, fast_labels=True))
+            bundle, backend="onnxruntime", device=device, precision=prec, fast_labels=True,
+            slots=False))
         if sg is not None:
             segs[f"ort-{prec}-lbl"] = sg
+        # Fast slot graphs (export --fast): all dimensions static; CUDA graphs on the GPU.
+        sg = attempt(f"ort-{prec}-fast", "segmenter", lambda: Segmenter.load(
+            bundle, backend="onnxruntime", device=device, precision=prec, fast_labels=True,
+            slots=True))
+        if sg is not None:
+            segs[f"ort-{prec}-fast"] = sg
     result["seconds"]["load"] = time.perf_counter() - t
     log(f"opened {sorted(torch_paths)} (model) and {sorted(segs)} (Segmenter) in "
         f"{result['seconds']['load']:.1f} s")
@@ -405,6 +417,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                device, b, gpu_clock=False))
             if tm:
                 record(name, "session", b, tm)
+            if name.endswith("-fast"):  # its own I/O binding (fixed buffers, CUDA graph)
+                continue
             dev_run = attempt(name, "io binding", lambda: ort_device_runner(sg, feed, device))
             if dev_run is not None:
                 tm = attempt(name, f"device b{b}", lambda: timed(dev_run, device, b,
@@ -417,7 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if ref is not None and name != "torch-fp32":
                 agree = float((lab == ref).mean())
                 result["agreement_vs_torch_fp32"].setdefault(name, {})[f"b{b}"] = agree
-                log(f"  {name:<10} agreement with torch-fp32 at b{b}: {100 * agree:.3f}%")
+                log(f"  {name:<13} agreement with torch-fp32 at b{b}: {100 * agree:.3f}%")
         save()
         gc.collect()
 
@@ -476,7 +490,7 @@ def table(result: dict[str, Any]) -> str:
     """The short summary printed last: medians per path and batch, agreement, DESIGN targets."""
     lat, agree = result["latency_ms"], result["agreement_vs_torch_fp32"]
     batches = sorted({int(b[1:]) for r in lat.values() for c in r.values() for b in c})
-    head = f"{'path':<10} {'call':<8}" + "".join(f" {'b' + str(b) + ' ms':>10}" for b in batches)
+    head = f"{'path':<13} {'call':<8}" + "".join(f" {'b' + str(b) + ' ms':>10}" for b in batches)
     head += f" {'img/s @b' + str(batches[-1]) if batches else '':>12}  agreement vs torch-fp32"
     lines = [f"gpu_bench: {result['model']['config']} @{result['model']['input_size']}, "
              f"{result['model']['classes']} classes, on {result['environment'].get('gpu', 'cpu')}",
@@ -489,7 +503,7 @@ def table(result: dict[str, Any]) -> str:
             ag = " ".join(f"b{b} {100 * a:.2f}%" for b, a in (
                 (int(k[1:]), v) for k, v in agree.get(route, {}).items())) if call in (
                 "model", "predict") else ""
-            lines.append(f"{route:<10} {call:<8}{cells} "
+            lines.append(f"{route:<13} {call:<8}{cells} "
                          f"{last['images_per_s'] if last else float('nan'):12.1f}  {ag}")
     lines.append("")
     lines += [f"target: {t}" for t in targets(result)]

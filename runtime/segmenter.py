@@ -141,7 +141,7 @@ class Segmenter:
     def load(cls, bundle: str | Path, backend: str = "auto", device: str | None = None,
              precision: str | None = None, checkpoint: str | Path | None = None,
              threads: int | None = None, max_classes: int | None = None,
-             fast_labels: bool = False) -> "Segmenter":
+             fast_labels: bool = False, slots: bool | None = None) -> "Segmenter":
         """Open a bundle folder.
 
         backend: "auto" (TensorRT engine if it can run here, else ONNX Runtime on CUDA, else on
@@ -156,6 +156,8 @@ class Segmenter:
             labels when images come at the model's input size; near object boundaries they can
             differ otherwise (the exact path resizes logits, then takes the argmax). No
             Oracle-Obj, scores or chunking: the per-class maps never leave the graph.
+            The bundle's fast slot graphs (`export.onnx --fast`, every dimension static) when it
+            has them; `slots=False` picks the dynamic label-map graph instead.
         """
         if device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -170,7 +172,7 @@ class Segmenter:
             log.info("runtime: backend=auto picked %s on %s", backend, device)
             impl_class = backend_class(backend)
         impl = impl_class.open(manifest, BackendOptions(device, precision, threads, fast_labels,
-                                                        checkpoint))
+                                                        checkpoint, slots))
         limits = [n for n in (max_classes, impl.max_classes) if n]
         return cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels, threads)
 

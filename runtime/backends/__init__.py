@@ -35,8 +35,9 @@ class BackendOptions:
 
     device: "cpu" | "cuda" | None (the backend's default); precision: "fp32" | "fp16" | None
     (fp16 on cuda, fp32 on cpu); threads: intra-op CPU threads (None: the library's default);
-    labels: run the label-map graph (Pred-All in the graph); checkpoint: the torch backend's
-    checkpoint (default: the one the manifest records).
+    labels: run a label-map graph (Pred-All in the graph); slots: with labels, the fast slot
+    graphs (True), the dynamic label-map graph (False) or the first when the bundle has them
+    (None); checkpoint: the torch backend's checkpoint (default: the one the manifest records).
     """
 
     device: str | None = None
@@ -44,6 +45,7 @@ class BackendOptions:
     threads: int | None = None
     labels: bool = False
     checkpoint: str | Path | None = None
+    slots: bool | None = None
 
 
 class Backend(Protocol):

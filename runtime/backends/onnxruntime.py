@@ -45,8 +45,11 @@ class OnnxRuntimeBackend:
         has them (`export.onnx --fast`), else its label-map graph."""
         device = options.device or "cpu"
         precision = default_precision(device, options.precision)
-        if options.labels and manifest.fast is not None:
+        if options.labels and options.slots is not False and manifest.fast is not None:
             return SlotGraphs(manifest, device, options.threads, precision)
+        if options.slots:
+            raise BundleError(f"{manifest.root} has no fast slot graphs; export them with "
+                              "python -m export.onnx --fast 1 8 ...")
         key, _ = graph_file(precision, options.labels)
         if options.labels and not manifest.has(key):
             raise BundleError(f"{manifest.root} has no label-map graph; export it with "

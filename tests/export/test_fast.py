@@ -116,3 +116,12 @@ def test_fast_graphs_build_with_static_tensorrt_profiles(tensorrt_builder, fast_
     assert all(m.file(f"engine_fast_b{n}").stat().st_size > 100_000 for n in (1, 2))
     with pytest.raises(Exception, match="dynamic shape"):
         static_shapes(m.file(spec.graph_file("fp16", labels=True)[0]))
+
+
+def test_slots_choose_between_the_fast_and_the_dynamic_label_graph(fast_bundle, tiny_bundle):
+    pick = lambda b, **k: type(Segmenter.load(  # noqa: E731
+        b, backend="onnxruntime", fast_labels=True, **k).backend).__name__
+    assert pick(fast_bundle) == pick(fast_bundle, slots=True) == "SlotGraphs"
+    assert pick(fast_bundle, slots=False) == pick(tiny_bundle) == "OnnxRuntimeBackend"
+    with pytest.raises(BundleError, match="no fast slot graphs"):
+        Segmenter.load(tiny_bundle, backend="onnxruntime", fast_labels=True, slots=True)
