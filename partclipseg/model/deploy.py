@@ -11,7 +11,7 @@ the input tensors, so it stays dynamic in the exported graph.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,10 @@ from .partclipseg import Conditioning, PartCLIPSeg
 from runtime import bundle as spec
 from runtime.vocabulary import Vocabulary
 
-__all__ = ["DeployModel", "vocab_arrays", "example_inputs"]
+__all__ = ["DeployModel", "vocab_arrays", "example_inputs", "CLASS_CHUNK"]
+
+# Fast graphs: stage-2 classes per chunk of the fused tail (peak class maps: B x 16 x S x S).
+CLASS_CHUNK = 16
 
 
 class DeployModel(nn.Module):
@@ -92,16 +95,50 @@ class DeployModel(nn.Module):
                                     cls_mul, cls_add)
         mark("stage2_mix_film")
         object_logits = m.mask_logits(m.head, object_feats, image_feats)  # parts: not deployed
-        logits = torch.cat([m.mask_logits(m.head2, class_feats, image_feats),
-                            object_logits[:, -1:]], 1)
-        mark("heads")
         if self.slots:
             object_valid, class_valid = valid
             object_logits = _mask_rows(object_logits, object_valid)
-            logits = _mask_rows(logits, torch.cat([class_valid, object_valid[-1:]]))
+            labels = self._chunked_labels(class_feats, image_feats, object_logits, class_object,
+                                          class_valid)
+            mark("heads")
+            return (labels,)
+        logits = torch.cat([m.mask_logits(m.head2, class_feats, image_feats),
+                            object_logits[:, -1:]], 1)
+        mark("heads")
         if self.labels:
             return (_labels(logits, object_logits, class_object),)
         return logits, object_logits
+
+
+    def _chunked_labels(self, class_feats: torch.Tensor, image_feats: Any,
+                        object_logits: torch.Tensor, class_object: torch.Tensor,
+                        class_valid: torch.Tensor) -> torch.Tensor:
+        """Pred-All labels (B, S, S) int32 without the (B, K, S, S) class maps: stage 2's head
+        runs on `CLASS_CHUNK` classes at a time, each chunk reduced at once to its best gated
+        logit and class, kept where it beats the chunks before it. At most (B, CLASS_CHUNK, S, S)
+        class logits exist at a time (static slots: the loop unrolls in the exported graph).
+
+        The same labels as `_labels` on the whole map, ties included: argmax takes the first
+        maximum, a later chunk replaces the running best only when strictly greater, and
+        background (last in `_labels`) wins only when strictly above the best class.
+        """
+        m, k = self.model, class_feats.shape[1]
+        winner = object_logits.argmax(1, keepdim=True)  # (B, 1, S, S); O = background
+        background = object_logits[:, -1]
+        best = torch.full_like(background, -torch.inf)
+        best_class = torch.zeros(background.shape, dtype=torch.int64,
+                                 device=background.device)
+        for start in range(0, k, CLASS_CHUNK):
+            end = min(k, start + CLASS_CHUNK)
+            logits = m.mask_logits(m.head2, class_feats[:, start:end], image_feats)
+            keep = ((class_object[start:end].reshape(1, -1, 1, 1) == winner)
+                    & class_valid[start:end].reshape(1, -1, 1, 1))
+            chunk_best, chunk_class = torch.where(keep, logits, -torch.inf).max(1)
+            better = chunk_best > best
+            best = torch.where(better, chunk_best, best)
+            best_class = torch.where(better, chunk_class + start, best_class)
+        labels = torch.where(background > best, torch.full_like(best_class, -1), best_class)
+        return labels.to(torch.int32)
 
 
 def _mask_rows(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -125,3 +125,28 @@ def test_slots_choose_between_the_fast_and_the_dynamic_label_graph(fast_bundle, 
     assert pick(fast_bundle, slots=False) == pick(tiny_bundle) == "OnnxRuntimeBackend"
     with pytest.raises(BundleError, match="no fast slot graphs"):
         Segmenter.load(tiny_bundle, backend="onnxruntime", fast_labels=True, slots=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_fused_tail_gives_the_whole_map_labels(tiny_ckpt, monkeypatch, chunk):
+    """The fast graph's tail (stage 2 in class chunks, each reduced at once; no (B, K, S, S)
+    tensor) gives exactly the labels of the whole-map argmax, for chunks of 1, 3 and all
+    classes, with padded slots, on random frames (torch, FP32)."""
+    torch = pytest.importorskip("torch")
+    from partclipseg.checkpoint import load_model
+    from partclipseg.model import deploy
+    from runtime.io import CLIP_MEAN, CLIP_STD
+
+    monkeypatch.setattr(deploy, "CLASS_CHUNK", chunk)
+    model, vocab, _ = load_model(tiny_ckpt)
+    arrays = deploy.vocab_arrays(model, vocab)
+    slots = spec.pad_to_slots(arrays, "partclipseg", spec.FastInfo((1,), **SLOTS))
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 160, 160, 3),
+                                                                 dtype=np.uint8))
+    names = spec.inputs_for_mode("partclipseg")[1:]
+    with torch.no_grad():
+        fused = deploy.DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True, slots=True)(
+            images, *(torch.from_numpy(slots[n]) for n in names + spec.slot_masks("partclipseg")))
+        whole = deploy.DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True)(
+            images, *(torch.from_numpy(arrays[n]) for n in names))
+    assert torch.equal(fused[0], whole[0])
