@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtime.errors import run_command
+from runtime.io import atomic_write_text
 
 __all__ = ["rss_mb", "soak", "main"]
 
@@ -202,10 +203,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(format_report(report, a.max_growth_mb))
     if a.json:
         out = Path(a.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = out.with_name(f".{out.name}.tmp")
-        tmp_path.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp_path, out)
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
         print(f"written to {out}")
     return 0 if report["pass"] else 1
 
