@@ -67,8 +67,8 @@ def _export_tower(model: Any, path: Path, opset: int) -> None:
     import torch
 
     length = model.text.context_length
-    tokens = torch.zeros(2, length, dtype=torch.long)
-    tokens[:, 0], tokens[:, 1] = 49406, 49407
+    tokens = torch.zeros(2, length, dtype=torch.long)  # <start_of_text> <end_of_text>, padded
+    tokens[:, 0], tokens[:, 1] = 49406, 49407  # (trace input only: values do not shape the graph)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.text.eval(), (tokens,), str(path), input_names=[spec.TOKENS],
@@ -83,12 +83,12 @@ def write_text_side(model: Any, stage: Path, opset: int = 17) -> tuple[spec.Text
     """Write the three text files into `stage`; returns the manifest's TextInfo and the
     files ({manifest key: file name}). Raises ValueError when the ONNX tower disagrees with
     PyTorch beyond TEXT_TOLERANCE on the model's own names."""
-    import onnxruntime as ort
     import torch
 
     from runtime.text import TextEncoder
 
     from .bundle import write_vocab
+    from .onnx import _ort_run
 
     stage = Path(stage)
     clip_tokenizer().save(str(stage / spec.TOKENIZER_FILE))
@@ -99,11 +99,7 @@ def write_text_side(model: Any, stage: Path, opset: int = 17) -> tuple[spec.Text
     encoder = TextEncoder(stage / spec.TOKENIZER_FILE, stage / spec.TEXT_ONNX_FILE,
                           model.text.context_length, threads=None)
     tokens = encoder.tokenize(names)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(stage / spec.TEXT_ONNX_FILE), opts,
-                                providers=["CPUExecutionProvider"])
-    got = sess.run(None, {spec.TOKENS: tokens})[0]
+    got = _ort_run(stage / spec.TEXT_ONNX_FILE, {spec.TOKENS: tokens})[0]
     with torch.no_grad():
         ref = model.text(torch.from_numpy(tokens)).float().numpy()
     err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from . import bundle as spec
+from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import BundleError
 from .vocabulary import Vocabulary, VocabularyError
 
@@ -59,23 +60,18 @@ class TextEncoder:
     def __init__(self, tokenizer: str | Path, graph: str | Path, context_length: int,
                  threads: int | None = None, cache_size: int = 65536):
         try:
-            import onnxruntime as ort
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise ImportError("encoding new class names needs `pip install tokenizers ftfy "
-                              "onnxruntime` (in the [runtime] extra)") from e
+            raise ImportError("encoding new class names needs `pip install tokenizers ftfy` "
+                              "(in the [runtime] extra)") from e
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer))
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            if threads:
-                opts.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(graph), opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # tokenizers/ORT raise their own types for damaged files
-            raise BundleError(f"the text side ({tokenizer}, {graph}) cannot be loaded "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "re-export the bundle with python -m export.onnx") from e
+        except Exception as e:  # tokenizers raises its own types for a damaged file
+            raise BundleError(f"{tokenizer} cannot be loaded ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); re-export the bundle with "
+                              "python -m export.onnx") from e
+        # The text tower is a bundle graph like the others: the same session set-up and errors.
+        self.tower = OnnxRuntimeBackend(str(graph), "cpu", threads)
         self.context_length = context_length
         self.sot = self.tokenizer.token_to_id(START_OF_TEXT)
         self.eot = self.tokenizer.token_to_id(END_OF_TEXT)
@@ -109,7 +105,7 @@ class TextEncoder:
         with self._lock:
             todo = sorted({k for k in keys if k not in self._cache})
         if todo:
-            feats = self.session.run(None, {spec.TOKENS: self.tokenize(todo)})[0]
+            feats = self.tower.run({spec.TOKENS: self.tokenize(todo)})[spec.TEXT_FEATURES]
             with self._lock:
                 if len(self._cache) + len(todo) > self._cache_size:
                     self._cache.clear()

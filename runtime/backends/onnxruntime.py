@@ -127,7 +127,10 @@ class OnnxRuntimeBackend:
         return value
 
     def _run_captured(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """CUDA graph replay: the same device buffers every call (inputs copied in place)."""
+        """CUDA graph replay: the same device buffers every call (inputs copied in place).
+
+        Not executed on our machines (no GPU lent so far): the CPU tests run the same graphs
+        through the plain path; `python -m benchmarks.gpu_bench` exercises this one."""
         ort = self._ort
         with self._lock:
             if not self._static:

@@ -13,7 +13,7 @@ pytest.importorskip("tokenizers")
 
 from runtime import Segmenter, VocabularyError  # noqa: E402
 
-from ..support import assert_imports_none  # noqa: E402
+from ..support import assert_imports_none, random_image  # noqa: E402
 from runtime import bundle as spec  # noqa: E402
 from runtime.preprocess import InputError  # noqa: E402
 from runtime.vocabulary import Vocabulary  # noqa: E402
@@ -26,10 +26,6 @@ ODD = ["Ünïcödé's  Nâme", "emoji 🐶's ear", "日本語の名前's 部分"
        "  padded  's   part  ", "MiXeD CaSe's PaRt", "num 12345's 6789",
        "quote \"double\"'s part", "back\\slash's part", "dash — em's part",
        "caf\u0065\u0301's part (decomposed)", "ß's straße", "İstanbul's part"]
-
-
-def _image(seed: int = 0, h: int = 96, w: int = 128) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def test_tokenizer_gives_open_clip_ids_on_500_names(tiny_bundle):
@@ -90,7 +86,7 @@ def test_new_names_predict_like_a_bundle_exported_with_them(request, ckpt_fixtur
     ours = Segmenter.load(runtime_b, backend="onnxruntime")
     ref = Segmenter.load(torch_b, backend="onnxruntime")
     frames = [np.asarray(Image.open(p).convert("RGB"))
-              for p in sorted((synth_root / "images" / "val").glob("*.jpg"))] + [_image(1)]
+              for p in sorted((synth_root / "images" / "val").glob("*.jpg"))] + [random_image(96, 128, 1)]
     for frame in frames:
         a, b = ours.predict(frame, classes=NEW), ref.predict(frame)
         assert a.class_names == b.class_names == tuple(NEW)
@@ -102,14 +98,14 @@ def test_new_names_chunk_like_the_whole_vocabulary(tiny_bundle):
     chunked = Segmenter.load(tiny_bundle, backend="onnxruntime", max_classes=2)
     assert len(chunked.feeds(NEW)) == 2  # [cup (2 classes)], [robot arm, red bird]
     for seed in range(2):
-        np.testing.assert_array_equal(chunked.predict(_image(seed), classes=NEW).labels,
-                                      whole.predict(_image(seed), classes=NEW).labels)
+        np.testing.assert_array_equal(chunked.predict(random_image(96, 128, seed), classes=NEW).labels,
+                                      whole.predict(random_image(96, 128, seed), classes=NEW).labels)
 
 
 def test_pairs_and_strings_name_the_same_classes(tiny_bundle):
     seg = Segmenter.load(tiny_bundle, backend="onnxruntime")
     pairs = [tuple(n.split("'s ")) for n in NEW]
-    a, b = seg.predict(_image(), classes=NEW), seg.predict(_image(), classes=pairs)
+    a, b = seg.predict(random_image(96, 128), classes=NEW), seg.predict(random_image(96, 128), classes=pairs)
     assert a.class_names == b.class_names
     np.testing.assert_array_equal(a.labels, b.labels)
 
@@ -128,10 +124,10 @@ def test_pairs_and_strings_name_the_same_classes(tiny_bundle):
 ])
 def test_bad_class_requests_are_named_and_nothing_is_cached(tiny_bundle, bad, error, match):
     seg = Segmenter.load(tiny_bundle, backend="onnxruntime")
-    seg.predict(_image(), classes=NEW[:1])
+    seg.predict(random_image(96, 128), classes=NEW[:1])
     before = (dict(seg._selections), seg.vocabulary, dict(seg._text.encoder._cache))
     with pytest.raises(error, match=match):
-        seg.predict(_image(), classes=bad)
+        seg.predict(random_image(96, 128), classes=bad)
     with pytest.raises(error, match=match):
         seg.set_vocabulary(bad)
     assert (dict(seg._selections), seg.vocabulary, dict(seg._text.encoder._cache)) == before
@@ -144,19 +140,19 @@ def test_overlong_names_are_truncated_as_open_clip_does(tiny_bundle):
     long_a, long_b = "x " * 40 + "a's part", "x " * 40 + "b's part"
     tokens = seg._text_side().encoder.tokenize([long_a, long_b])
     assert (tokens[:, -1] == 49407).all() and (tokens[0] == tokens[1]).all()
-    assert seg.predict(_image(), classes=[long_a]).labels.shape == (96, 128)
+    assert seg.predict(random_image(96, 128), classes=[long_a]).labels.shape == (96, 128)
 
 
 def test_set_vocabulary_is_the_default_and_safe_under_concurrent_predicts(tiny_bundle):
     seg = Segmenter.load(tiny_bundle, backend="onnxruntime", threads=1)
     first, second = NEW[:2], NEW[2:]
-    want = {tuple(v): seg.predict(_image(), classes=v).labels for v in (first, second)}
+    want = {tuple(v): seg.predict(random_image(96, 128), classes=v).labels for v in (first, second)}
     errors, seen = [], set()
 
     def worker() -> None:
         try:
             for _ in range(15):
-                p = seg.predict(_image())
+                p = seg.predict(random_image(96, 128))
                 seen.add(p.class_names)
                 if p.class_names in want:
                     np.testing.assert_array_equal(p.labels, want[p.class_names])
@@ -187,12 +183,12 @@ def test_old_bundles_load_and_ask_for_a_reexport_for_new_names(tiny_bundle, tmp_
     (b / spec.MANIFEST).write_text(json.dumps(m))
     seg = Segmenter.load(b, backend="onnxruntime")
     known = list(seg.vocabulary.class_names[:2])
-    assert seg.predict(_image(), classes=known).class_names == tuple(known)
+    assert seg.predict(random_image(96, 128), classes=known).class_names == tuple(known)
     with pytest.raises(VocabularyError, match="re-export it with python -m export.onnx"):
-        seg.predict(_image(), classes=["cup's handle"])
+        seg.predict(random_image(96, 128), classes=["cup's handle"])
     typo = known[0].replace("'s ", "s's ", 1)
     with pytest.raises(VocabularyError, match="did you mean.*re-export"):
-        seg.predict(_image(), classes=[typo])
+        seg.predict(random_image(96, 128), classes=[typo])
 
 
 def test_new_names_never_import_torch(tiny_bundle):
@@ -255,5 +251,5 @@ def test_a_damaged_text_file_is_named_before_it_is_used(tiny_bundle, tmp_path, k
     path.write_bytes(bytes(data))
     seg = Segmenter.load(b, backend="onnxruntime")  # the image side is untouched
     with pytest.raises(BundleError, match=f"{path.name} is corrupt"):
-        seg.predict(_image(), classes=NEW[:1])
+        seg.predict(random_image(96, 128), classes=NEW[:1])
     assert seg._text is None and not seg._selections
