@@ -27,7 +27,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -506,8 +506,9 @@ def _place(rng: np.random.Generator, sizes: list[float], n: int) -> list[tuple[f
     return centres
 
 
-def render_sample(seed: int, split: str, index: int,
-                  image_size: int = 160) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_sample(seed: int, split: str, index: int, image_size: int = 160,
+                  objects: Sequence[int] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one SynthParts sample, determined entirely by (seed, split, index, image_size).
 
     Returns:
@@ -517,7 +518,8 @@ def render_sample(seed: int, split: str, index: int,
         Every pixel with part label k has obj == SYNTHPARTS_VOCABULARY.classes[k][0].
 
     Image `index` always contains object category `index % 16` (so any 16 consecutive images
-    cover every category), plus 0-2 random others.
+    cover every category), plus 0-2 random others; `objects` (1-3 category indices) replaces
+    that draw, e.g. seen categories only for pretraining.
     """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -532,10 +534,17 @@ def render_sample(seed: int, split: str, index: int,
     vocab = SYNTHPARTS_VOCABULARY
 
     canvas = _Canvas(_background(rng, n), rng.standard_normal((n, n)).astype(np.float32))
-    n_obj = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
-    cats = [index % len(vocab.objects)] + [int(rng.integers(len(vocab.objects)))
-                                           for _ in range(n_obj - 1)]
-    rng.shuffle(cats)  # the guaranteed category is not always drawn first (i.e. least visible)
+    if objects is None:
+        n_obj = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+        cats = [index % len(vocab.objects)] + [int(rng.integers(len(vocab.objects)))
+                                               for _ in range(n_obj - 1)]
+        rng.shuffle(cats)  # the guaranteed category is not always drawn first (least visible)
+    else:
+        cats = [int(c) for c in objects]
+        if not 1 <= len(cats) <= 3 or not all(0 <= c < len(vocab.objects) for c in cats):
+            raise ValueError(f"objects must be 1-3 category indices in [0, "
+                             f"{len(vocab.objects)}), got {list(objects)}")
+        n_obj = len(cats)
 
     # Pose first (it sets each object's extent), then sizes and positions.
     objects = []

@@ -8,13 +8,17 @@ The text tower encodes plain class names to the projected EOS feature.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
+
+# Towers written by `partclipseg pretrain` that ship with the package (see docs).
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 __all__ = ["build_clip", "TappedViT", "TextEncoder", "tokenize", "with_pretrained_activation"]
 
@@ -33,11 +37,13 @@ def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
     """open_clip CLIP with `cfg`'s towers: pretrained when `cfg.pretrained` is set, else random.
 
     `cfg.pretrained` is an open_clip pretrained tag ("openai", "laion2b_s34b_b88k") or a local
-    weight file; open_clip resolves both. Nothing is downloaded when it is None.
+    weight file; open_clip resolves both. Nothing is downloaded when it is None. Without a
+    `clip_name`, it names towers written by `partclipseg pretrain` for exactly this config: a
+    path, or the file name of one shipped in `partclipseg/weights/`.
     """
+    if cfg.pretrained and not cfg.clip_name:
+        return _load_towers(cfg)
     if cfg.pretrained:
-        if not cfg.clip_name:
-            raise ValueError("pretrained weights need clip_name (an open_clip model name)")
         model = open_clip.create_model(cfg.clip_name, pretrained=cfg.pretrained,
                                        force_quick_gelu=cfg.quick_gelu)
         got = (model.visual.transformer.width, len(model.visual.transformer.resblocks))
@@ -48,6 +54,31 @@ def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
         return model
     return open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=dict(cfg.vision_cfg),
                           text_cfg=dict(cfg.text_cfg), quick_gelu=cfg.quick_gelu)
+
+
+def _load_towers(cfg: ModelConfig) -> open_clip.CLIP:
+    path = Path(cfg.pretrained)
+    if not path.exists() and (WEIGHTS_DIR / path.name).exists() and path.name == str(path):
+        path = WEIGHTS_DIR / path.name
+    if not path.is_file():
+        raise ConfigError(f"pretrained towers {cfg.pretrained!r} not found (a path, or one of "
+                          f"{sorted(p.name for p in WEIGHTS_DIR.glob('*.pt'))}); write them "
+                          "with `partclipseg pretrain --out FILE`")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        state = record["state_dict"]
+    except Exception as e:  # a truncated zip, a pickle that is not ours, a missing key
+        raise ConfigError(f"{path} is not a `partclipseg pretrain` file ({type(e).__name__}: "
+                          f"{e}); write it again with `partclipseg pretrain --out {path}`") from e
+    model = open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=dict(cfg.vision_cfg),
+                           text_cfg=dict(cfg.text_cfg), quick_gelu=cfg.quick_gelu)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in state.items()})
+    except RuntimeError as e:
+        raise ConfigError(f"{path} holds towers of another shape than model {cfg.name!r} "
+                          f"({str(e).splitlines()[0]}); pretrain for this config") from e
+    return model
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
