@@ -36,10 +36,11 @@ from ..config import ModelConfig
 from ..data.synthparts import SYNTHPARTS_VOCABULARY, render_sample
 from ..model.backbone import build_clip, resize_pos_embed, tokenize
 
-__all__ = ["PretrainConfig", "NameSets", "pretrain", "render_seen_set", "dense_tokens",
+__all__ = ["SETS", "PretrainConfig", "NameSets", "pretrain", "render_seen_set", "dense_tokens",
            "token_targets", "pretrain_loss"]
 
 BACKGROUND_NAME = "background"
+SETS = ("objects", "parts", "colours", "plans")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,17 @@ class PretrainConfig:
     warmup_steps: int = 100
     images: int = 4000  # rendered once, then flipped at random
     seed: int = 0
+    sets: tuple[str, ...] = SETS  # the name sets contrasted (a subset of SETS)
+    # Share of images shown in grey, which train only the colour-free sets (parts, plans): with
+    # each colour missing one body plan, a tower shown only colour images reads the plan from
+    # the colour and cannot name the plan of an unseen pair (docs/synthparts_recipe.md).
+    grey: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.sets or not set(self.sets) <= set(SETS):
+            raise ValueError(f"sets must be a non-empty subset of {SETS}, got {self.sets}")
+        if not 0.0 <= self.grey < 1.0:
+            raise ValueError(f"grey must be in [0, 1), got {self.grey}")
 
 
 @dataclass(frozen=True)
@@ -89,9 +101,17 @@ class NameSets:
             part_of=np.array([used_parts.index(v.parts[p]) if v.parts[p] in used_parts else -1
                               for _, p in v.classes]))
 
-    def all_names(self) -> list[str]:
+    def names(self, key: str) -> tuple[str, ...]:
+        return getattr(self, key)
+
+    def lookup(self, key: str) -> torch.Tensor:
+        """(16,) object -> name index, or (K,) class -> name index for "parts"."""
+        return torch.from_numpy({"objects": self.object_of, "parts": self.part_of,
+                                 "colours": self.colour_of, "plans": self.plan_of}[key])
+
+    def all_names(self, sets: tuple[str, ...] = SETS) -> list[str]:
         """Every name the text tower sees in pretraining (each set's list, then background)."""
-        return [*self.objects, *self.parts, *self.colours, *self.plans, BACKGROUND_NAME]
+        return [n for key in sets for n in self.names(key)] + [BACKGROUND_NAME]
 
 
 def render_seen_set(n: int, seed: int, size: int, names: NameSets,
@@ -143,19 +163,24 @@ def token_targets(labels: torch.Tensor, lookup: torch.Tensor, classes: int,
 
 
 def pretrain_loss(tokens: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                  targets: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+                  targets: list[torch.Tensor], sizes: list[int],
+                  weights: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Mean over the name sets of the soft cross-entropy of cosine logits.
 
     tokens (B, T, E); text (sum(sizes) + 1, E): each set's names, then background (shared);
-    targets[i] (B, T, sizes[i] + 1). Returns a scalar.
+    targets[i] (B, T, sizes[i] + 1); weights[i]: None or (B,) per-image weights of set i (0
+    leaves an image out of that set's mean). Returns a scalar.
     """
     tokens = F.normalize(tokens, dim=-1)
     text = F.normalize(text, dim=-1)
     bg = text[-1:]
     losses, start = [], 0
-    for target, n in zip(targets, sizes):
+    for i, (target, n) in enumerate(zip(targets, sizes)):
         logits = scale * tokens @ torch.cat([text[start:start + n], bg]).T
-        losses.append(-(target * logits.log_softmax(-1)).sum(-1).mean())
+        per_image = -(target * logits.log_softmax(-1)).sum(-1).mean(-1)  # (B,)
+        w = None if weights is None else weights[i]
+        losses.append(per_image.mean() if w is None
+                      else (per_image * w).sum() / w.sum().clamp(min=1e-6))
         start += n
     return torch.stack(losses).mean()
 
@@ -174,10 +199,9 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
     held = render_seen_set(64, cfg.seed + 1, size, names, progress=False)
     clip = build_clip(model_cfg.replace(pretrained=None))
     clip.train()
-    tokens = tokenize(names.all_names(), clip.context_length)
-    sizes = [len(names.objects), len(names.parts), len(names.colours), len(names.plans)]
-    lookups = [torch.from_numpy(a) for a in (names.object_of, names.part_of, names.colour_of,
-                                             names.plan_of)]
+    tokens = tokenize(names.all_names(cfg.sets), clip.context_length)
+    sizes = [len(names.names(key)) for key in cfg.sets]
+    lookups = [names.lookup(key) for key in cfg.sets]
     decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -186,19 +210,22 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
     grid = size // model_cfg.patch_size
     loss_value = float("nan")
 
-    def batch(d: dict[str, np.ndarray], idx: np.ndarray, flip: np.ndarray) -> tuple[Any, ...]:
+    def batch(d: dict[str, np.ndarray], idx: np.ndarray, flip: np.ndarray,
+              grey: np.ndarray) -> tuple[Any, ...]:
         img, part, obj = d["image"][idx], d["part"][idx], d["obj"][idx]
         img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
+        luma = (img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+        img = np.where(grey[:, None, None, None], (luma + 0.5).astype(np.uint8)[..., None], img)
         part = np.where(flip[:, None, None], part[:, :, ::-1], part)
         obj = np.where(flip[:, None, None], obj[:, :, ::-1], obj)
         x = torch.from_numpy(np.stack([preprocess(i, size) for i in img]))
         p, o = torch.from_numpy(part.astype(np.int64)), torch.from_numpy(obj.astype(np.int64))
-        # objects, parts (via the class index), colours, plans
-        tg = [token_targets(o, lookups[0], sizes[0], grid),
-              token_targets(p, lookups[1], sizes[1], grid),
-              token_targets(o, lookups[2], sizes[2], grid),
-              token_targets(o, lookups[3], sizes[3], grid)]
-        return x, tg
+        # parts through the class map, the other sets through the object map
+        tg = [token_targets(p if key == "parts" else o, lookup, n, grid)
+              for key, lookup, n in zip(cfg.sets, lookups, sizes)]
+        coloured = torch.from_numpy(~grey).float()
+        w = [coloured if key in ("objects", "colours") else None for key in cfg.sets]
+        return x, tg, w
 
     bar = tqdm(range(cfg.steps), desc="pretrain towers", disable=not progress)
     for step in bar:
@@ -207,9 +234,10 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
         for g in optim.param_groups:
             g["lr"] = lr
         idx = rng.integers(0, cfg.images, cfg.batch_size)
-        x, tg = batch(data, idx, rng.random(cfg.batch_size) < 0.5)
+        x, tg, w = batch(data, idx, rng.random(cfg.batch_size) < 0.5,
+                         rng.random(cfg.batch_size) < cfg.grey)
         loss = pretrain_loss(dense_tokens(clip.visual, x), clip.encode_text(tokens),
-                             clip.logit_scale.exp().clamp(max=100), tg, sizes)
+                             clip.logit_scale.exp().clamp(max=100), tg, sizes, w)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
@@ -220,11 +248,11 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
 
     clip.eval()
     with torch.no_grad():
-        x, tg = batch(held, np.arange(64), np.zeros(64, bool))
+        x, tg, _ = batch(held, np.arange(64), np.zeros(64, bool), np.zeros(64, bool))
         tok = F.normalize(dense_tokens(clip.visual, x), dim=-1)
         text = F.normalize(clip.encode_text(tokens), dim=-1)
         acc, start = {}, 0
-        for key, target, n in zip(("objects", "parts", "colours", "plans"), tg, sizes):
+        for key, target, n in zip(cfg.sets, tg, sizes):
             pred = (tok @ torch.cat([text[start:start + n], text[-1:]]).T).argmax(-1)
             truth = target.argmax(-1)
             named = truth != n  # tokens mostly covered by a name: background would dominate
@@ -232,7 +260,7 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
             start += n
     summary = {"config": asdict(cfg), "model": model_cfg.name, "seconds": round(
         time.perf_counter() - t0, 1), "final_loss": round(loss_value, 4),
-        "held_out_named_token_accuracy": acc, "names": names.all_names()}
+        "held_out_named_token_accuracy": acc, "names": names.all_names(cfg.sets)}
     state = {k: v.half() if v.is_floating_point() else v for k, v in clip.state_dict().items()}
     atomic_write(Path(out), lambda f: torch.save(
         {"state_dict": state, "model_config": model_cfg.replace(pretrained=None).to_dict(),

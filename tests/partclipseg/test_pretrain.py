@@ -126,3 +126,33 @@ def test_pretrained_towers_errors(towers, tmp_path):
         build_model("tiny", pretrained=str(bad))
     with pytest.raises(ConfigError, match="another shape"):
         build_model("tiny", pretrained=str(path), embed_dim=64)
+
+
+def test_pretrain_loss_weights_leave_images_out():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(3, 4, 8, generator=g)
+    text = torch.randn(3, 8, generator=g)
+    target = [torch.softmax(torch.randn(3, 4, 3, generator=g), -1)]
+    scale = torch.tensor(3.0)
+    weighted = pretrain_loss(tokens, text, scale, target, [2], [torch.tensor([1.0, 0.0, 1.0])])
+    kept = pretrain_loss(tokens[[0, 2]], text, scale, [target[0][[0, 2]]], [2])
+    torch.testing.assert_close(weighted, kept)
+
+
+def test_pretrain_config_and_name_sets():
+    names = NameSets.synthparts()
+    words = names.all_names(("colours", "plans"))
+    assert words == [*names.colours, *names.plans, "background"]
+    assert not set(names.objects) & set(words)
+    for bad in (dict(sets=()), dict(sets=("objects", "shapes")), dict(grey=1.0)):
+        with pytest.raises(ValueError):
+            PretrainConfig(**bad)
+
+
+def test_grey_images_train_only_colour_free_sets(tmp_path):
+    cfg = load_model_config("tiny", image_size=48)
+    summary = pretrain(cfg, PretrainConfig(steps=2, batch_size=4, images=8, warmup_steps=1,
+                                           sets=("parts", "colours", "plans"), grey=0.5),
+                       tmp_path / "t.pt", progress=False)
+    assert summary["names"] == NameSets.synthparts().all_names(("parts", "colours", "plans"))
+    assert set(summary["held_out_named_token_accuracy"]) == {"parts", "colours", "plans"}
