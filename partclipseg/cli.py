@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=_positive, help="optimizer steps (default 1500)")
     r.add_argument("--images", type=_positive, help="seen-only images rendered (default 4000)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--sets", nargs="+", choices=["objects", "parts", "colours", "plans"],
+                   help="name sets contrasted (default: all four)")
+    r.add_argument("--grey", type=float, help="share of images shown in grey, training only "
+                   "the colour-free sets (default 0)")
 
     t = sub.add_parser("train", help="train PartCLIPSeg (or the CLIPSeg baseline)")
     t.add_argument("--config", required=True,
@@ -116,7 +120,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from .config import load_model_config
     from .training.pretrain import PretrainConfig, pretrain
 
-    changes = {k: v for k, v in (("steps", a.steps), ("images", a.images)) if v is not None}
+    changes = {k: v for k, v in (("steps", a.steps), ("images", a.images), ("grey", a.grey),
+                                 ("sets", a.sets and tuple(a.sets))) if v is not None}
     cfg = replace(PretrainConfig(seed=a.seed), **changes)
     summary = pretrain(load_model_config(a.model), cfg, a.out)
     print(f"towers written to {a.out} in {summary['seconds']:.0f} s; held-out token accuracy "

@@ -104,3 +104,11 @@ def test_synth_writes_a_dataset(tmp_path, capsys):
                  "--image-size", "64"]) == 0
     assert (out / "classes.json").is_file()
     assert len(list((out / "images" / "train").glob("*.jpg"))) == 2
+
+
+def test_pretrain_with_bad_grey_share(tmp_path, capsys):
+    out = tmp_path / "towers.pt"
+    assert _exit_code(["pretrain", "--out", str(out), "--grey", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "grey must be in [0, 1)" in err and "Traceback" not in err
+    assert not out.exists()
