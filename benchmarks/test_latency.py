@@ -116,7 +116,7 @@ def test_cpu_onnxruntime_vs_torch(bench_options: Any, bench_bundle: Any, open_se
     default_threads = torch.get_num_threads()
     image = frames[0]
     feed = _feed(ref, frames[:1])
-    blocks, per_block = (2, 2) if bench_options.quick else (6, 5)  # 30 runs: a noisy machine
+    blocks, per_block = (2, 2) if bench_options.quick else (10, 4)  # 40 runs: a noisy machine
     medians: dict[str, dict[str, float]] = {}  # call -> "lib/threads" -> ms
     fastest: dict[str, dict[str, float]] = {}
     try:
