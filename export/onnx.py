@@ -55,10 +55,15 @@ def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int,
     mode = deploy.mode
     names = spec.inputs_for_mode(mode) + (spec.slot_masks(mode) if deploy.slots else ())
     outputs = spec.outputs_for_mode(mode, deploy.labels)
+    # A colour-blind model's object_film rows are body-plan words (+ background), not objects.
+    rows = "plans_bg" if mode == "colour_blind" else "objects_bg"
     axis = {spec.PART_FILM[0]: "parts", spec.PART_FILM[1]: "parts",
-            spec.OBJECT_FILM[0]: "objects_bg", spec.OBJECT_FILM[1]: "objects_bg"}
+            spec.OBJECT_FILM[0]: rows, spec.OBJECT_FILM[1]: rows,
+            spec.COLOUR_FILM[0]: "colours", spec.COLOUR_FILM[1]: "colours"}
     dynamic = {spec.IMAGE: {0: "batch"}}
     dynamic.update({n: {0: axis.get(n, "classes")} for n in names[1:]})
+    if spec.OBJECT_WORDS in names:
+        dynamic[spec.OBJECT_WORDS] = {0: "objects", 1: "words"}
     dynamic[spec.LOGITS] = {0: "batch", 1: "classes_bg"}
     if spec.OBJECT_LOGITS in outputs:
         dynamic[spec.OBJECT_LOGITS] = {0: "batch", 1: "objects_bg"}
@@ -83,10 +88,13 @@ def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int,
 
 def _input_specs(mode: str, size: int, dim: int, image_dtype: str) -> dict[str, Any]:
     """{name: TensorSpec} of the graph inputs, symbolic dimensions as "B" (batch), "P" (parts),
-    "O+1" (objects + background), "K" (classes)."""
+    "O+1" (objects + background), "K" (classes); colour-blind models: "Wp+1" (body-plan words +
+    background), "C" (colour words), ("O", "C+Wp") (the object-word matrix)."""
     from runtime import bundle as spec
 
-    rows = {spec.PART_FILM: ("P", dim), spec.OBJECT_FILM: ("O+1", dim),
+    blind = mode == "colour_blind"
+    rows = {spec.PART_FILM: ("P", dim), spec.OBJECT_FILM: ("Wp+1" if blind else "O+1", dim),
+            spec.COLOUR_FILM: ("C", dim), (spec.OBJECT_WORDS,): ("O", "C+Wp"),
             spec.CLASS_FILM: ("K", dim), spec.CLASS_INDEX: ("K",)}
     specs = {spec.IMAGE: spec.TensorSpec(("B", size, size, 3), image_dtype)}
     for names, shape in rows.items():
@@ -173,7 +181,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
 
     from .bundle import staged_bundle, write_manifest, write_vocab
     from .text import write_text_side
-    from partclipseg.model.deploy import DeployModel, example_inputs, vocab_arrays
+    from partclipseg.model.deploy import DeployModel, deploy_mode, example_inputs, vocab_arrays
 
     if opset < 17:
         raise ValueError(f"opset {opset} < 17: LayerNormalization (kept in FP32 in the FP16 "
@@ -191,7 +199,10 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         with torch.no_grad():
             pos = resize_pos_embed(model.vit.positional_embedding.detach(), model.cfg.grid_size)
         model.vit.positional_embedding = torch.nn.Parameter(pos, requires_grad=False)
-    size, mode = model.cfg.image_size, model.cfg.mode
+    size, mode = model.cfg.image_size, deploy_mode(model.cfg)
+    if fast and mode == "colour_blind":
+        raise ValueError("fast slot graphs (--fast) are not built for colour-blind models; "
+                         "export without --fast (the other graphs serve every backend)")
     arrays = vocab_arrays(model, vocab)
     _log(f"{ckpt} -> {out}: {mode}, {vocab.num_classes} classes, input {size}x{size} {image_dtype}")
 

@@ -21,6 +21,7 @@ from runtime import bundle as spec
 from runtime.bundle import Manifest
 from runtime.errors import UserError, run_command
 from runtime.io import atomic_write
+from runtime.vocabulary import ObjectWords
 
 __all__ = ["build_engine", "engine_bytes", "profile_shapes", "static_shapes", "EngineBuildError",
            "build_parser", "main"]
@@ -45,20 +46,31 @@ def profile_shapes(manifest: Manifest, min_batch: int, opt_batch: int, max_batch
     vocab = manifest.vocabulary
     clipseg = manifest.mode == "clipseg"
     n = {"P": len(vocab.parts), "O+1": (vocab.num_classes if clipseg else len(vocab.objects)) + 1,
-         "K": vocab.num_classes}
+         "K": vocab.num_classes, "O": len(vocab.objects)}
+    if manifest.mode == "colour_blind":  # word rows (`runtime.bundle`)
+        words = ObjectWords.split(vocab.objects)
+        n.update({"C": len(words.colours), "Wp+1": len(words.plans) + 1,
+                  "C+Wp": len(words.words)})
     if max(n["P"], n["K"], n["O+1"] - 1) > max_classes:
         raise ValueError(f"--max-classes {max_classes} is below the bundle's own vocabulary "
                          f"({n['K']} classes, {n['P']} parts, {n['O+1'] - 1} objects)")
+
+    def dim(d: int | str) -> list[int]:  # [min, opt, max] of one dimension
+        if isinstance(d, int):
+            return [d] * 3
+        if d == "C+Wp":  # two words per object
+            return [2, n[d], 2 * max_classes]
+        bg = int(d.endswith("+1"))  # rows + background: at least 2
+        return [1 + bg, n[d], max_classes + bg]
+
     shapes = {}
     for name, info in manifest.inputs.items():
-        dims = info.shape
         if name == spec.IMAGE:
-            rest = [int(d) for d in dims[1:]]
+            rest = [int(d) for d in info.shape[1:]]
             shapes[name] = [[b] + rest for b in (min_batch, opt_batch, max_batch)]
             continue
-        sym, rest = dims[0], [int(d) for d in dims[1:]]
-        lo, hi = (2, max_classes + 1) if sym == "O+1" else (1, max_classes)
-        shapes[name] = [[lo] + rest, [n[sym]] + rest, [hi] + rest]
+        ranges = [dim(d) for d in info.shape]
+        shapes[name] = [[r[i] for r in ranges] for i in range(3)]
     return shapes
 
 

@@ -38,7 +38,7 @@ def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,
 
     from partclipseg.checkpoint import load_model
     from runtime.io import file_sha256
-    from partclipseg.model.deploy import vocab_arrays
+    from partclipseg.model.deploy import deploy_mode, vocab_arrays
     from runtime import bundle as spec
 
     from .bundle import update_manifest, write_vocab
@@ -51,8 +51,9 @@ def set_vocabulary(bundle: str | Path, ckpt: str | Path, vocab: Vocabulary,
                          "vectors would not match the graph's weights (pass "
                          "--allow-other-checkpoint only for a checkpoint with the same weights)")
     model, _, _ = load_model(ckpt)
-    if model.cfg.mode != manifest.mode:
-        raise ValueError(f"{ckpt} is a {model.cfg.mode} model, the bundle is {manifest.mode}")
+    if deploy_mode(model.cfg) != manifest.mode:
+        raise ValueError(f"{ckpt} is a {deploy_mode(model.cfg)} model, the bundle is "
+                         f"{manifest.mode}")
     arrays = vocab_arrays(model, vocab)
     digest = hashlib.sha256(json.dumps(vocab.to_dict(), sort_keys=True).encode()).hexdigest()
     name = f"vocab-{digest[:10]}.npz"

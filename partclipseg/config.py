@@ -72,6 +72,13 @@ class ModelConfig:
     # from p = 0.5 a random-init model with BCE spends its first few hundred steps only pushing
     # every channel down. Only a fresh model's init: loaded weights replace it. None = off.
     head_prior: float | None = None
+    # SynthParts' recipe for naming unseen objects (docs/synthparts_recipe.md, "The colour-blind
+    # pathway"): object names are "<colour> <body plan>"; the parts and body-plan words are
+    # decoded from the features of the grey image, the colour words from the colour image's, and
+    # an object's logit is the sum of its two words' logits. A body-plan route that cannot see
+    # colour cannot learn that a colour rules out a plan (every colour misses one plan in
+    # SynthParts' seen pairs), so it names pairs it never saw. partclipseg mode only.
+    colour_blind: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
@@ -101,6 +108,9 @@ class ModelConfig:
             raise ConfigError(f"head_prior must be a probability in (0, 1) or null, got {p!r}")
         if not isinstance(self.conv_branch, int) or self.conv_branch < 0:
             raise ConfigError(f"conv_branch must be an integer >= 0, got {self.conv_branch!r}")
+        if self.colour_blind and self.mode != "partclipseg":
+            raise ConfigError("colour_blind needs mode 'partclipseg' (it changes the object "
+                              "head, which the clipseg baseline does not have)")
         if self.reduce_dim % self.decoder_heads:
             raise ConfigError("reduce_dim must be divisible by decoder_heads")
 

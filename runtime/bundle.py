@@ -20,6 +20,12 @@ Graph inputs (D = decoder width, S = input size; P parts, O objects, K classes):
   class_film_add  (K, D) float32
   class_part      (K,) int64       part index of each class                    [partclipseg]
   class_object    (K,) int64       object index of each class                  [partclipseg]
+A colour-blind model (mode "colour_blind": `ModelConfig.colour_blind`, SynthParts' recipe) has
+the partclipseg inputs with word rows for objects (C colour words, W_p body-plan words):
+  object_film_*   (W_p + 1, D)     the body-plan words, background last (read from the grey image)
+  colour_film_mul (C, D) float32   the colour words (read from the colour image)
+  colour_film_add (C, D) float32
+  object_words    (O, C + W_p) float32  1 where object o has word w (colours first)
 Graph outputs:
   logits          (B, K + 1, S, S) float32  classes, background last
   object_logits   (B, O + 1, S, S) float32  objects, background last           [partclipseg]
@@ -40,12 +46,12 @@ import numpy as np
 
 from .errors import UserError
 from .io import CLIP_MEAN, CLIP_STD, file_sha256
-from .vocabulary import Vocabulary
+from .vocabulary import ObjectWords, Vocabulary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMING_CACHE",
            "TOKENIZER_FILE", "TEXT_ONNX_FILE", "TEXT_HEAD_FILE", "TOKENS", "TEXT_FEATURES",
            "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "VOCAB_INPUTS", "PART_FILM",
-           "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "inputs_for_mode", "outputs_for_mode",
+           "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "COLOUR_FILM", "OBJECT_WORDS", "inputs_for_mode", "outputs_for_mode",
            "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef", "OnnxInfo",
            "EngineInfo", "TextInfo", "FastInfo", "Manifest", "slot_masks", "OBJECT_VALID",
            "CLASS_VALID", "pad_to_slots", "read_manifest", "read_vocab"]
@@ -67,18 +73,24 @@ OBJECT_FILM = ("object_film_mul", "object_film_add")
 CLASS_FILM = ("class_film_mul", "class_film_add")
 CLASS_INDEX = ("class_part", "class_object")
 VOCAB_INPUTS = PART_FILM + OBJECT_FILM + CLASS_FILM + CLASS_INDEX
+COLOUR_FILM = ("colour_film_mul", "colour_film_add")  # colour-blind models only
+OBJECT_WORDS = "object_words"
 # Fast (slot) graphs only: which vocabulary slots hold a class (the rest are zero padding).
 OBJECT_VALID, CLASS_VALID = "object_valid", "class_valid"
 
-MODES = ("partclipseg", "clipseg")
+MODES = ("partclipseg", "clipseg", "colour_blind")
 IMAGE_DTYPES = ("uint8", "float32")
 PRECISIONS = ("fp32", "fp16")
 
 
 def inputs_for_mode(mode: str) -> tuple[str, ...]:
-    """Graph input names, in order, for a model mode ("partclipseg" | "clipseg")."""
+    """Graph input names, in order, for a bundle mode ("partclipseg" | "clipseg" |
+    "colour_blind")."""
     if mode == "clipseg":
         return (IMAGE,) + OBJECT_FILM
+    if mode == "colour_blind":
+        return (IMAGE,) + PART_FILM + OBJECT_FILM + COLOUR_FILM + (OBJECT_WORDS,) + CLASS_FILM \
+            + CLASS_INDEX
     return (IMAGE,) + VOCAB_INPUTS
 
 
@@ -269,7 +281,7 @@ class TextInfo:
 class Manifest:
     """manifest.json, typed. `to_dict`/`from_dict` are what export writes and the runtime reads.
 
-    mode: "partclipseg" | "clipseg"; input_size: the model's square input side S (pixels);
+    mode: "partclipseg" | "clipseg" | "colour_blind"; input_size: the model's square input side S (pixels);
     image_dtype: "uint8" | "float32" (RGB 0-255 either way; normalization with mean/std is
     in-graph); files: {key: FileEntry} with keys "vocab", `graph_file(...)[0]`, "engine", ...
     """
@@ -450,6 +462,9 @@ def pad_to_slots(arrays: Mapping[str, np.ndarray], mode: str, fast: FastInfo
     rows zero-padded to max_parts / max_objects + 1 (background kept last) / max_classes,
     padded class indices 0, plus the masks `slot_masks(mode)` that mark the real rows.
     Raises BundleError naming the limit when the vocabulary does not fit."""
+    if mode == "colour_blind":
+        raise BundleError("fast slot graphs are not built for colour-blind models; run the "
+                          "other graphs")
     obj = arrays[OBJECT_FILM[0]]
     n_obj = obj.shape[0] - 1  # objects (clipseg: classes) before the background row
     limits = {"objects": (n_obj, fast.max_classes if mode == "clipseg" else fast.max_objects)}
@@ -511,6 +526,14 @@ def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:
     v = manifest.vocabulary
     k, o = v.num_classes, len(v.objects)
     expect_obj = (k if manifest.mode == "clipseg" else o) + 1
+    if manifest.mode == "colour_blind":
+        words = ObjectWords.split(v.objects)
+        expect_obj = len(words.plans) + 1
+        if arrays[COLOUR_FILM[0]].shape[0] != len(words.colours) or \
+                arrays[OBJECT_WORDS].shape != (o, len(words.words)):
+            raise BundleError(f"{path} does not match the manifest's vocabulary ({o} objects, "
+                              f"{len(words.words)} words); rebuild it with "
+                              "`python -m export.vocab`")
     if arrays[OBJECT_FILM[0]].shape[0] != expect_obj or (
             manifest.mode != "clipseg" and (arrays[CLASS_FILM[0]].shape[0] != k
                                             or arrays[PART_FILM[0]].shape[0] != len(v.parts))):

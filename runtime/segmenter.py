@@ -75,6 +75,20 @@ class _Selection:
 ClassRequest = Sequence["str | tuple[str, str]"]  # "object's part" names or (object, part)
 
 
+def _word_rows(a: dict[str, np.ndarray], objects: Sequence[int]) -> dict[str, np.ndarray]:
+    """A colour-blind bundle's word inputs for some of its objects (indices into the rows of
+    `a`'s object_words): the colour and body-plan word rows they use, and their matrix."""
+    matrix = a[spec.OBJECT_WORDS][list(objects)]
+    n_colour = a[spec.COLOUR_FILM[0]].shape[0]
+    used = np.flatnonzero(matrix.any(0))
+    colours, plans = used[used < n_colour], used[used >= n_colour] - n_colour
+    bg = a[spec.OBJECT_FILM[0]].shape[0] - 1
+    feed = {n: np.ascontiguousarray(a[n][colours]) for n in spec.COLOUR_FILM}
+    feed.update({n: np.ascontiguousarray(a[n][np.append(plans, bg)]) for n in spec.OBJECT_FILM})
+    feed[spec.OBJECT_WORDS] = np.ascontiguousarray(matrix[:, used])
+    return feed
+
+
 def _class_pairs(classes: ClassRequest) -> tuple[tuple[str, str], ...]:
     """Checked (object, part) pairs of a class request; InputError / VocabularyError name the
     first bad entry."""
@@ -326,7 +340,10 @@ class Segmenter:
         obj_rows = np.array(obj_full + [bg], np.int64)
         part_rows = np.array(part_full, np.int64)
         feed = {n: np.ascontiguousarray(a[n][part_rows]) for n in spec.PART_FILM}
-        feed.update({n: np.ascontiguousarray(a[n][obj_rows]) for n in spec.OBJECT_FILM})
+        if self.mode == "colour_blind":  # object rows are words: keep those of these objects
+            feed.update(_word_rows(a, obj_full))
+        else:
+            feed.update({n: np.ascontiguousarray(a[n][obj_rows]) for n in spec.OBJECT_FILM})
         feed.update({n: np.ascontiguousarray(a[n][rows]) for n in spec.CLASS_FILM})
         feed[spec.CLASS_INDEX[0]] = np.array([part_full.index(p) for _, p in full_cls], np.int64)
         feed[spec.CLASS_INDEX[1]] = np.array([obj_full.index(o) for o, _ in full_cls], np.int64)

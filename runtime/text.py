@@ -22,7 +22,7 @@ import numpy as np
 from . import bundle as spec
 from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import BundleError
-from .vocabulary import Vocabulary, VocabularyError
+from .vocabulary import ObjectWords, Vocabulary, VocabularyError
 
 if TYPE_CHECKING:
     from .bundle import Manifest
@@ -40,6 +40,7 @@ HEAD_ARRAYS = {"clipseg": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b
                "partclipseg": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b",
                                "background", "embed_mix_w", "embed_mix_b", "film2_mul_w",
                                "film2_mul_b", "film2_add_w", "film2_add_b")}
+HEAD_ARRAYS["colour_blind"] = HEAD_ARRAYS["partclipseg"]
 
 
 def clean_name(name: str) -> str:
@@ -158,15 +159,23 @@ class TextSide:
             mul, add = self._film(e, "film")
             return {spec.OBJECT_FILM[0]: mul, spec.OBJECT_FILM[1]: add}
         p = len(vocab.parts)
-        e = self.encoder.encode(list(vocab.parts) + list(vocab.objects))
+        words = ObjectWords.split(vocab.objects) if self.mode == "colour_blind" else None
+        rows = list(vocab.objects) if words is None else list(words.words)
+        e = self.encoder.encode(list(vocab.parts) + rows)
         mul1, add1 = self._film(np.concatenate([e, bg]), "film")
+        e_obj, c, arrays = e[p:], 0, {}
+        if words is not None:  # an object's embedding is the mean of its words'
+            c, matrix = len(words.colours), np.asarray(words.matrix(), np.float32)
+            e_obj = matrix @ e_obj / 2
+            arrays = {spec.COLOUR_FILM[0]: mul1[p:p + c], spec.COLOUR_FILM[1]: add1[p:p + c],
+                      spec.OBJECT_WORDS: matrix}
         class_part = np.asarray(vocab.class_parts, np.int64)
         class_object = np.asarray(vocab.class_objects, np.int64)
-        e_k = (np.concatenate([e[p + class_object], e[class_part]], axis=1)
+        e_k = (np.concatenate([e_obj[class_object], e[class_part]], axis=1)
                @ self.head["embed_mix_w"].T + self.head["embed_mix_b"])
         mul2, add2 = self._film(e_k, "film2")
-        arrays = {spec.PART_FILM[0]: mul1[:p], spec.PART_FILM[1]: add1[:p],
-                  spec.OBJECT_FILM[0]: mul1[p:], spec.OBJECT_FILM[1]: add1[p:],
-                  spec.CLASS_FILM[0]: mul2, spec.CLASS_FILM[1]: add2,
-                  spec.CLASS_INDEX[0]: class_part, spec.CLASS_INDEX[1]: class_object}
+        arrays.update({spec.PART_FILM[0]: mul1[:p], spec.PART_FILM[1]: add1[:p],
+                       spec.OBJECT_FILM[0]: mul1[p + c:], spec.OBJECT_FILM[1]: add1[p + c:],
+                       spec.CLASS_FILM[0]: mul2, spec.CLASS_FILM[1]: add2,
+                       spec.CLASS_INDEX[0]: class_part, spec.CLASS_INDEX[1]: class_object})
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 from .errors import UserError
 
-__all__ = ["Vocabulary", "VocabularyError", "class_name", "read_class_file"]
+__all__ = ["Vocabulary", "VocabularyError", "ObjectWords", "class_name", "read_class_file"]
 
 
 class VocabularyError(UserError, ValueError):
@@ -167,6 +167,54 @@ class Vocabulary:
     def seen_subset(self) -> "Vocabulary":
         """The training vocabulary: classes of seen objects only."""
         return self.subset([k for k, s in enumerate(self.class_seen) if s])
+
+
+@dataclass(frozen=True)
+class ObjectWords:
+    """Object names as a colour word plus a body-plan word ("green quadruped"): the conditions of
+    the colour-blind object head (`ModelConfig.colour_blind`, SynthParts' recipe).
+
+    colours, plans: the distinct words, in order of first appearance; the head's word rows are
+        `words` = colours + plans (C + W_p of them).
+    of_object: per object, (index into colours, index into plans).
+    """
+
+    colours: tuple[str, ...]
+    plans: tuple[str, ...]
+    of_object: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def split(cls, objects: Sequence[str]) -> "ObjectWords":
+        """Split each object name at its first space: colour word, then the body plan."""
+        colours: list[str] = []
+        plans: list[str] = []
+        of_object = []
+        for name in objects:
+            pieces = name.strip().split(None, 1)
+            if len(pieces) != 2:
+                raise VocabularyError(
+                    f"object {name!r} is not '<colour> <body plan>' (e.g. 'green quadruped'): a "
+                    "colour-blind model scores an object as its colour word plus its body-plan "
+                    "word, so every object name needs both")
+            for word, words in zip(pieces, (colours, plans)):
+                if word not in words:
+                    words.append(word)
+            of_object.append((colours.index(pieces[0]), plans.index(pieces[1])))
+        return cls(tuple(colours), tuple(plans), tuple(of_object))
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return self.colours + self.plans
+
+    def matrix(self) -> list[list[float]]:
+        """(O, C + W_p) 0/1 rows: object o's logit is the sum of its two words' logits."""
+        n = len(self.colours)
+        rows = []
+        for c, p in self.of_object:
+            row = [0.0] * (n + len(self.plans))
+            row[c] = row[n + p] = 1.0
+            rows.append(row)
+        return rows
 
 
 def read_class_file(path: str | Path) -> Vocabulary:

@@ -58,15 +58,17 @@ def make_batch():
 # -- checkpoints and bundles: one factory each ---------------------------------------------------
 def make_checkpoint(tmp_dir: Path, size: str = "tiny", mode: str = "partclipseg", seed: int = 0,
                     vocab: Vocabulary = VOCAB) -> Path:
-    """A random-init model of config `size` ("tiny", "micro", ...) and `mode` ("partclipseg"
-    or "clipseg"), built after `torch.manual_seed(seed)`, saved over `vocab` in `tmp_dir`."""
+    """A random-init model of config `size` ("tiny", "micro", ...) and bundle mode `mode`
+    ("partclipseg", "clipseg" or "colour_blind": partclipseg with `colour_blind`), built after
+    `torch.manual_seed(seed)`, saved over `vocab` in `tmp_dir`."""
     torch = pytest.importorskip("torch")
     from partclipseg.checkpoint import save_checkpoint
     from partclipseg.model import build_model
 
     torch.manual_seed(seed)
-    return save_checkpoint(Path(tmp_dir) / f"{size}_{mode}_seed{seed}.pt",
-                           build_model(size, mode=mode), vocab)
+    model = (build_model(size, colour_blind=True) if mode == "colour_blind"
+             else build_model(size, mode=mode))
+    return save_checkpoint(Path(tmp_dir) / f"{size}_{mode}_seed{seed}.pt", model, vocab)
 
 
 def make_bundle(ckpt: Path, out: Path, labels: bool = False) -> Path:
@@ -94,6 +96,18 @@ def tiny_clipseg_ckpt(tmp_path_factory):
 def micro_ckpt(tmp_path_factory):
     """A random-init micro PartCLIPSeg checkpoint over VOCAB."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "micro", seed=0)
+
+
+@pytest.fixture(scope="session")
+def micro_cb_ckpt(tmp_path_factory):
+    """A random-init micro colour-blind PartCLIPSeg checkpoint over VOCAB."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "micro", mode="colour_blind", seed=2)
+
+
+@pytest.fixture(scope="session")
+def micro_cb_bundle(tmp_path_factory, micro_cb_ckpt):
+    """Bundle of `micro_cb_ckpt` with label-map graphs."""
+    return make_bundle(micro_cb_ckpt, tmp_path_factory.mktemp("bundle") / "micro_cb", labels=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,15 @@ from .partclipseg import Conditioning, PartCLIPSeg
 from runtime import bundle as spec
 from runtime.vocabulary import Vocabulary
 
-__all__ = ["DeployModel", "vocab_arrays", "example_inputs", "CLASS_CHUNK"]
+__all__ = ["DeployModel", "vocab_arrays", "example_inputs", "deploy_mode", "CLASS_CHUNK"]
 
 # Fast graphs: stage-2 classes per chunk of the fused tail (peak class maps: B x 16 x S x S).
 CLASS_CHUNK = 16
+
+
+def deploy_mode(cfg: Any) -> str:
+    """The bundle mode of a model config (`runtime.bundle.MODES`): its graph interface."""
+    return "colour_blind" if cfg.colour_blind else cfg.mode
 
 
 class DeployModel(nn.Module):
@@ -50,7 +55,9 @@ class DeployModel(nn.Module):
         if slots and not labels:
             raise ValueError("slot graphs give label maps: use labels=True with slots=True")
         self.model = model.eval()
-        self.mode = model.cfg.mode
+        self.mode = deploy_mode(model.cfg)
+        if slots and self.mode == "colour_blind":
+            raise ValueError("fast slot graphs are not built for colour-blind models")
         self.labels = labels
         self.slots = slots
         # Folded into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
@@ -75,9 +82,9 @@ class DeployModel(nn.Module):
         # (In the model's precision: a .half() DeployModel normalizes in FP16.)
         x = (image.to(self.scale.dtype) * self.scale + self.shift).permute(0, 3, 1, 2)
         mark("normalize")
-        image_feats = m.image_features(x)
-        mark("vit")
         if self.mode == "clipseg":
+            image_feats = m.image_features(x)
+            mark("vit")
             mul, add = vocab
             cond = _conditioning(mul, add)
             feats, _ = m.decode_stage1(image_feats, cond)
@@ -85,16 +92,22 @@ class DeployModel(nn.Module):
             if self.slots:
                 logits = _mask_rows(logits, valid[0])
             return (_labels(logits),) if self.labels else (logits,)
-        part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
-        p = part_mul.shape[0]
-        cond = _conditioning(torch.cat([part_mul, obj_mul]), torch.cat([part_add, obj_add]))
-        feats, _ = m.decode_stage1(image_feats, cond)
+        if self.mode == "colour_blind":
+            (part_mul, part_add, obj_mul, obj_add, colour_mul, colour_add, object_words,
+             cls_mul, cls_add, class_part, class_object) = vocab
+            cond = Conditioning(torch.cat([part_mul, colour_mul, obj_mul]),
+                                torch.cat([part_add, colour_add, obj_add]), part_mul.shape[0], 0,
+                                num_colour=colour_mul.shape[0], object_words=object_words)
+        else:
+            part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
+            cond = Conditioning(torch.cat([part_mul, obj_mul]), torch.cat([part_add, obj_add]),
+                                part_mul.shape[0], 0)
+        s1 = m.stage1(x, cond, part_logits=False, mark=mark)  # parts: not deployed
         mark("stage1_decoder")
-        part_feats, object_feats = feats[:, :p], feats[:, p:]  # objects + background
-        class_feats = m.stage2_from(part_feats, object_feats, class_part, class_object,
+        class_feats = m.stage2_from(s1.part_feats, s1.object_feats, class_part, class_object,
                                     cls_mul, cls_add)
         mark("stage2_mix_film")
-        object_logits = m.mask_logits(m.head, object_feats, image_feats)  # parts: not deployed
+        object_logits, image_feats = s1.object_logits, s1.image
         if self.slots:
             object_valid, class_valid = valid
             object_logits = _mask_rows(object_logits, object_valid)
@@ -182,10 +195,16 @@ def vocab_arrays(model: PartCLIPSeg, vocab: Vocabulary) -> dict[str, np.ndarray]
     f = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
     if model.cfg.mode == "clipseg":
         return {spec.OBJECT_FILM[0]: f(cond.film1_mul), spec.OBJECT_FILM[1]: f(cond.film1_add)}
-    p = cond.num_parts
+    p, c = cond.num_parts, cond.num_colour  # rows: [parts, colour words (if any), objects, bg]
+    words = {}
+    if cond.object_words is not None:
+        words = {spec.COLOUR_FILM[0]: f(cond.film1_mul[p:p + c]),
+                 spec.COLOUR_FILM[1]: f(cond.film1_add[p:p + c]),
+                 spec.OBJECT_WORDS: f(cond.object_words)}
     return {
         spec.PART_FILM[0]: f(cond.film1_mul[:p]), spec.PART_FILM[1]: f(cond.film1_add[:p]),
-        spec.OBJECT_FILM[0]: f(cond.film1_mul[p:]), spec.OBJECT_FILM[1]: f(cond.film1_add[p:]),
+        spec.OBJECT_FILM[0]: f(cond.film1_mul[p + c:]),
+        spec.OBJECT_FILM[1]: f(cond.film1_add[p + c:]), **words,
         spec.CLASS_FILM[0]: f(cond.film2_mul), spec.CLASS_FILM[1]: f(cond.film2_add),
         spec.CLASS_INDEX[0]: cond.class_part.cpu().numpy().astype(np.int64),
         spec.CLASS_INDEX[1]: cond.class_object.cpu().numpy().astype(np.int64),

@@ -15,6 +15,10 @@ Read top to bottom:
      Linear 2D -> D, ReLU, Linear D -> D (`mix: "mlp"`).
 
 `mode="clipseg"` is the baseline: stage 1 only, conditioned on object-specific names.
+`colour_blind` (SynthParts' recipe, `ModelConfig.colour_blind`): the object conditions are the
+words of the object names (a colour word, a body-plan word); parts and body-plan words are
+decoded from the grey image, colour words from the colour image, and an object's logit is the
+sum of its words' logits, its stage-2 features and embedding the mean of its words'.
 `conv_branch` > 0 (random-init models only, e.g. `tiny`) adds a small convolutional encoder
 beside the ViT whose features enter the decoder's tokens and both mask heads (`ConvBranch`).
 """
@@ -24,17 +28,35 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from runtime.vocabulary import Vocabulary
+from runtime.io import CLIP_MEAN, CLIP_STD
+from runtime.vocabulary import ObjectWords, Vocabulary
 
 from ..config import ModelConfig
 from .backbone import TappedViT, TextEncoder, build_clip, tokenize, with_pretrained_activation
 from .decoder import Adapter, ConvBranch, DecoderBlock, FiLM, MaskHead
 
-__all__ = ["PartCLIPSeg", "Conditioning", "SegOutput", "ImageFeatures"]
+__all__ = ["PartCLIPSeg", "Conditioning", "SegOutput", "ImageFeatures", "Stage1",
+           "grey_matrix"]
+
+# ITU-R BT.601 luma, the weights PIL's convert("L") uses.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def grey_matrix(mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 3) weight and (3,) bias mapping a normalized RGB pixel to its luma in all three
+    channels, normalized again: grey(x)_c = sum_j W[c, j] x_j + b_c. A 1 x 1 convolution, so the
+    grey image costs nothing next to the second ViT pass."""
+    mean_t, std_t, luma = (torch.tensor(v, dtype=torch.float64) for v in (mean, std, LUMA))
+    # luma of the unnormalized pixel: sum_j l_j (x_j std_j + mean_j)
+    weight = (luma * std_t).expand(3, 3) / std_t[:, None]
+    bias = ((luma * mean_t).sum() - mean_t) / std_t
+    return weight.float(), bias.float()
 
 
 @dataclass
@@ -42,12 +64,16 @@ class Conditioning:
     """Vocabulary-dependent inputs of the image side (D = decoder width, E = text width).
 
     Stage-1 conditions are ordered [P generalized parts, O objects, background]
-    (partclipseg) or [K object-specific classes, background] (clipseg, P = 0, O = K).
+    (partclipseg) or [K object-specific classes, background] (clipseg, P = 0, O = K). A
+    colour-blind model's object rows are words: [P parts, C colour words, W_p body-plan words,
+    background], num_objects = C + W_p, and `object_words` maps objects to them.
 
     film1_mul, film1_add: (P + O + 1, D) float.
     film2_mul, film2_add: (K, D) float, stage-2 FiLM' vectors (None for clipseg).
     class_part: (K,) int64 index of each class's part in [0, P) (None for clipseg).
     class_object: (K,) int64 index of each class's object in [0, O) (None for clipseg).
+    num_colour: C, the colour-word rows (colour-blind only; 0 otherwise).
+    object_words: (O, C + W_p) float 0/1, each object's two words (colour-blind only).
     """
 
     film1_mul: torch.Tensor
@@ -58,12 +84,15 @@ class Conditioning:
     film2_add: torch.Tensor | None = None
     class_part: torch.Tensor | None = None
     class_object: torch.Tensor | None = None
+    num_colour: int = 0
+    object_words: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Conditioning":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Conditioning(move(self.film1_mul), move(self.film1_add), self.num_parts,
                             self.num_objects, move(self.film2_mul), move(self.film2_add),
-                            move(self.class_part), move(self.class_object))
+                            move(self.class_part), move(self.class_object), self.num_colour,
+                            move(self.object_words))
 
 
 @dataclass
@@ -96,6 +125,31 @@ class SegOutput:
     object_logits: torch.Tensor | None = None
     part_logits: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+
+
+@dataclass
+class Stage1:
+    """What stage 2 and the object head need from stage 1 (partclipseg mode).
+
+    image: the image features stage 2's head H' reads (a colour-blind model: the grey image's).
+    part_feats: (B, P, g, g, D); object_feats: (B, O, g, g, D) decoder features.
+    object_logits: (B, O + 1, S, S) objects, then background.
+    part_logits: (B, P + 1, S, S) generalized parts, then background; only on request.
+    attention: (B, P + O + 1, g*g, g*g) as `SegOutput.attention`; only on request.
+    """
+
+    image: ImageFeatures
+    part_feats: torch.Tensor
+    object_feats: torch.Tensor
+    object_logits: torch.Tensor
+    part_logits: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+def _mix_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(O, W) weights x (B, W, ...) per-row tensors -> (B, O, ...): one MatMul in a graph."""
+    b, w = rows.shape[:2]
+    return (weights @ rows.reshape(b, w, -1)).reshape(b, weights.shape[0], *rows.shape[2:])
 
 
 class PartCLIPSeg(nn.Module):
@@ -154,6 +208,10 @@ class PartCLIPSeg(nn.Module):
                 for head in (self.head, getattr(self, "head2", None)):
                     if head is not None:
                         head.up2.bias.fill_(math.log(cfg.head_prior / (1 - cfg.head_prior)))
+        if cfg.colour_blind:
+            weight, bias = grey_matrix()
+            self.register_buffer("grey_weight", weight, persistent=False)
+            self.register_buffer("grey_bias", bias, persistent=False)
         self._freeze_clip()
 
     # -- parameters ----------------------------------------------------------------------------
@@ -183,14 +241,21 @@ class PartCLIPSeg(nn.Module):
             e = torch.cat([self.encode_names(list(vocab.class_names)), self.background])
             mul, add = self.film.vectors(e)
             return Conditioning(mul, add, num_parts=0, num_objects=vocab.num_classes)
-        n_parts, n_objects = len(vocab.parts), len(vocab.objects)
-        e = self.encode_names(list(vocab.parts) + list(vocab.objects))
+        n_parts = len(vocab.parts)
+        words = ObjectWords.split(vocab.objects) if self.cfg.colour_blind else None
+        rows = list(vocab.objects) if words is None else list(words.words)
+        e = self.encode_names(list(vocab.parts) + rows)
         mul1, add1 = self.film.vectors(torch.cat([e, self.background]))
+        e_obj, object_words = e[n_parts:], None
+        if words is not None:  # an object's embedding is the mean of its words'
+            object_words = torch.tensor(words.matrix(), dtype=e.dtype, device=device)
+            e_obj = object_words @ e_obj / 2
         class_part = torch.tensor(vocab.class_parts, dtype=torch.long, device=device)
         class_object = torch.tensor(vocab.class_objects, dtype=torch.long, device=device)
-        e_k = self.embed_mix(torch.cat([e[n_parts + class_object], e[class_part]], dim=1))
+        e_k = self.embed_mix(torch.cat([e_obj[class_object], e[class_part]], dim=1))
         mul2, add2 = self.film2.vectors(e_k)
-        return Conditioning(mul1, add1, n_parts, n_objects, mul2, add2, class_part, class_object)
+        return Conditioning(mul1, add1, n_parts, len(rows), mul2, add2, class_part, class_object,
+                            0 if words is None else len(words.colours), object_words)
 
     # -- 2. image side -------------------------------------------------------------------------
     def image_features(self, images: torch.Tensor) -> ImageFeatures:
@@ -260,6 +325,60 @@ class PartCLIPSeg(nn.Module):
         g = mixed_parts[:, class_part] + mixed_objects[:, class_object]
         return FiLM.apply(g, film2_mul, film2_add)
 
+    def grey(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized images -> their luma in all three channels, normalized."""
+        return nn.functional.conv2d(images, self.grey_weight.to(images.dtype)[:, :, None, None],
+                                    self.grey_bias.to(images.dtype))
+
+    def stage1(self, images: torch.Tensor, cond: Conditioning, need_attention: bool = False,
+               part_logits: bool = True, mark: Callable[[str], None] = lambda stage: None
+               ) -> Stage1:
+        """(B, 3, S, S) normalized images -> stage-1 features and logits (partclipseg mode).
+        `mark("vit")` is called once the image features exist (the GPU profile's stages)."""
+        if cond.object_words is not None:
+            return self._stage1_colour_blind(images, cond, need_attention, part_logits, mark)
+        image = self.image_features(images)
+        mark("vit")
+        feats, attention = self.decode_stage1(image, cond, need_attention)
+        p = cond.num_parts
+        if part_logits:
+            s1 = self.mask_logits(self.head, feats, image)
+            objects, parts = s1[:, p:], torch.cat([s1[:, :p], s1[:, -1:]], 1)
+        else:  # deployment reads the object head only
+            objects, parts = self.mask_logits(self.head, feats[:, p:], image), None
+        return Stage1(image, feats[:, :p], feats[:, p:-1], objects, parts, attention)
+
+    def _stage1_colour_blind(self, images: torch.Tensor, cond: Conditioning,
+                             need_attention: bool, part_logits: bool,
+                             mark: Callable[[str], None]) -> Stage1:
+        """Parts, body-plan words and background decoded from the grey image, colour words from
+        the colour image; objects from their words (logits summed, features and attention
+        averaged). Rows of `cond`: [P parts, C colours, W_p plans, background]."""
+        p, c = cond.num_parts, cond.num_colour
+        mul, add = cond.film1_mul, cond.film1_add
+        colour = self.image_features(images)
+        grey = self.image_features(self.grey(images))
+        mark("vit")
+        grey_rows = Conditioning(torch.cat([mul[:p], mul[p + c:]]),
+                                 torch.cat([add[:p], add[p + c:]]), 0, 0)
+        f_g, a_g = self.decode_stage1(grey, grey_rows, need_attention)
+        f_c, a_c = self.decode_stage1(colour, Conditioning(mul[p:p + c], add[p:p + c], 0, 0),
+                                      need_attention)
+        s_g = self.mask_logits(self.head, f_g if part_logits else f_g[:, p:], grey)
+        s_c = self.mask_logits(self.head, f_c, colour)
+        plans = s_g[:, -(f_g.shape[1] - p):]  # [plan words, background]
+        words = cond.object_words
+        mean = words / words.sum(1, keepdim=True)
+        object_feats = _mix_rows(mean, torch.cat([f_c, f_g[:, p:-1]], 1))
+        objects = _mix_rows(words, torch.cat([s_c, plans[:, :-1]], 1))
+        parts = torch.cat([s_g[:, :p], s_g[:, -1:]], 1) if part_logits else None
+        attention = None
+        if need_attention:
+            word_att = torch.cat([a_c, a_g[:, p:-1]], 1)
+            attention = torch.cat([a_g[:, :p], _mix_rows(mean, word_att), a_g[:, -1:]], 1)
+        return Stage1(grey, f_g[:, :p], object_feats, torch.cat([objects, plans[:, -1:]], 1),
+                      parts, attention)
+
     def forward_image(self, images: torch.Tensor, cond: Conditioning,
                       need_attention: bool = False, classes: torch.Tensor | None = None
                       ) -> SegOutput:
@@ -269,26 +388,25 @@ class PartCLIPSeg(nn.Module):
         these only and `logits` is (B, K' + 1, S, S) in that order (training computes stage 2
         for the classes of the objects in the batch; see `training.losses.stage2_classes`).
         """
-        if classes is not None and self.cfg.mode == "clipseg":
-            raise ValueError("classes selects stage-2 classes; the clipseg baseline has no "
-                             "stage 2 (pass a vocabulary subset instead)")
-        image = self.image_features(images)
-        feats, attention = self.decode_stage1(image, cond, need_attention)
-        s1 = self.mask_logits(self.head, feats, image)
         if self.cfg.mode == "clipseg":
-            return SegOutput(logits=s1, attention=attention)
-        p, o = cond.num_parts, cond.num_objects
+            if classes is not None:
+                raise ValueError("classes selects stage-2 classes; the clipseg baseline has no "
+                                 "stage 2 (pass a vocabulary subset instead)")
+            image = self.image_features(images)
+            feats, attention = self.decode_stage1(image, cond, need_attention)
+            return SegOutput(logits=self.mask_logits(self.head, feats, image), attention=attention)
+        s1 = self.stage1(images, cond, need_attention)
         class_part, class_object = cond.class_part, cond.class_object
         mul2, add2 = cond.film2_mul, cond.film2_add
         if classes is not None:
             class_part, class_object = class_part[classes], class_object[classes]
             mul2, add2 = mul2[classes], add2[classes]
-        class_feats = self.stage2_from(feats[:, :p], feats[:, p:p + o], class_part,
-                                       class_object, mul2, add2)
-        s2 = self.mask_logits(self.head2, class_feats, image)
-        background = s1[:, -1:]
-        return SegOutput(logits=torch.cat([s2, background], 1), object_logits=s1[:, p:],
-                         part_logits=torch.cat([s1[:, :p], background], 1), attention=attention)
+        class_feats = self.stage2_from(s1.part_feats, s1.object_feats, class_part, class_object,
+                                       mul2, add2)
+        s2 = self.mask_logits(self.head2, class_feats, s1.image)
+        return SegOutput(logits=torch.cat([s2, s1.object_logits[:, -1:]], 1),
+                         object_logits=s1.object_logits, part_logits=s1.part_logits,
+                         attention=s1.attention)
 
     def forward(self, images: torch.Tensor, vocab: Vocabulary, need_attention: bool = False,
                 classes: torch.Tensor | None = None) -> SegOutput:

@@ -46,7 +46,7 @@ class TorchBackend:
         import torch
 
         from partclipseg.checkpoint import load_model
-        from partclipseg.model.deploy import DeployModel
+        from partclipseg.model.deploy import DeployModel, deploy_mode
 
         from ..io import file_sha256
 
@@ -56,8 +56,9 @@ class TorchBackend:
         if precision == "fp16" and device == "cpu":
             raise ValueError("the torch backend runs fp16 on CUDA only; use precision='fp32'")
         model, _, _ = load_model(checkpoint, map_location=device)
-        if model.cfg.mode != mode:
-            raise BundleError(f"{checkpoint} is a {model.cfg.mode} model, the bundle {mode}")
+        if deploy_mode(model.cfg) != mode:
+            raise BundleError(f"{checkpoint} is a {deploy_mode(model.cfg)} model, the bundle "
+                              f"{mode}")
         self.model = DeployModel(model, mean, std, labels=labels).to(device).eval()
         if precision == "fp16":
             self.model.half()

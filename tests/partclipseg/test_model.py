@@ -255,3 +255,104 @@ def test_stage2_class_selection_equals_the_full_forward(models, vocab, make_batc
     torch.testing.assert_close(sub.logits[:, :3], full.logits[:, classes], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sub.logits[:, -1], full.logits[:, -1])
     torch.testing.assert_close(sub.object_logits, full.object_logits)
+
+
+# -- the colour-blind object head (ModelConfig.colour_blind, SynthParts' recipe) ----------------
+@pytest.fixture(scope="module")
+def colour_blind():
+    torch.manual_seed(3)
+    return build_model("micro", colour_blind=True)
+
+
+def _same_luma(x):
+    """x plus a colour change that leaves every pixel's luma (and so the grey image) unchanged."""
+    from partclipseg.model.partclipseg import LUMA
+    from runtime.io import CLIP_STD
+
+    # A normalized step d changes luma by sum_j l_j std_j d_j: zero along this direction.
+    d = torch.tensor([LUMA[1] * CLIP_STD[1], -LUMA[0] * CLIP_STD[0], 0.0]) * 3
+    return x + d.reshape(1, 3, 1, 1)
+
+
+def test_grey_matrix_is_luma_of_the_unnormalized_image(colour_blind):
+    from partclipseg.model.partclipseg import LUMA
+    from runtime.io import CLIP_MEAN, CLIP_STD
+
+    x = torch.randn(2, 3, 8, 8)
+    mean, std = (torch.tensor(v).reshape(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    luma = ((x * std + mean) * torch.tensor(LUMA).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+    torch.testing.assert_close(colour_blind.grey(x), (luma - mean) / std, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(_same_luma(x), x)
+    torch.testing.assert_close(colour_blind.grey(_same_luma(x)), colour_blind.grey(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_colour_blind_shapes_and_word_rows(colour_blind, vocab, make_batch):
+    x, _, _ = make_batch(torch, size=64)
+    cond = colour_blind.encode_vocabulary(vocab)
+    # words: colours (red, blue), then body plans (quadruped, bird)
+    assert (cond.num_colour, cond.num_objects) == (2, 4)
+    assert cond.film1_mul.shape[0] == len(vocab.parts) + 4 + 1
+    assert cond.object_words.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
+    out = colour_blind.forward_image(x, cond, need_attention=True)
+    k, p, o, g = vocab.num_classes, len(vocab.parts), len(vocab.objects), 4
+    assert out.logits.shape == (2, k + 1, 64, 64)
+    assert out.object_logits.shape == (2, o + 1, 64, 64)
+    assert out.part_logits.shape == (2, p + 1, 64, 64)
+    assert out.attention.shape == (2, p + o + 1, g * g, g * g)
+
+
+def test_colour_blind_parts_and_plans_do_not_see_colour(colour_blind, vocab, make_batch):
+    """The parts (and body-plan words) read the grey image only; colour words do see colour."""
+    x, _, _ = make_batch(torch, size=64)
+    with torch.no_grad():
+        a = colour_blind(x, vocab)
+        b = colour_blind(_same_luma(x), vocab)
+    torch.testing.assert_close(a.part_logits, b.part_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a.object_logits[:, :-1], b.object_logits[:, :-1], atol=1e-3)
+
+
+def test_colour_blind_object_logit_is_the_sum_of_its_words():
+    """With every pairing of two colours and two plans, logit(red q) + logit(blue b) equals
+    logit(red b) + logit(blue q): each object's score is its colour's plus its plan's."""
+    from runtime.vocabulary import Vocabulary
+
+    torch.manual_seed(4)
+    m = build_model("micro", colour_blind=True).eval()
+    names = ["red quadruped", "blue bird", "red bird", "blue quadruped"]
+    v = Vocabulary.from_names([(n, "head") for n in names])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        o = m(x, v).object_logits
+    torch.testing.assert_close(o[:, 0] + o[:, 1], o[:, 2] + o[:, 3], rtol=1e-4, atol=1e-4)
+
+
+def test_colour_blind_gradients_and_class_selection(colour_blind, vocab, make_batch):
+    m = colour_blind
+    m.zero_grad(set_to_none=True)
+    x, part, obj = make_batch(torch, size=64)
+    cond = m.encode_vocabulary(vocab)
+    out = m.forward_image(x, cond, need_attention=True)
+    loss, terms = PartCLIPSegLoss()(out, vocab, *build_targets(part, obj, vocab.num_classes,
+                                                             len(vocab.objects)))
+    assert set(terms) == {"os", "obj", "part", "sep", "enh"}
+    loss.backward()
+    no_grad = [n for n, p in m.trainable_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    m.zero_grad(set_to_none=True)
+    classes = torch.tensor([4, 0])
+    with torch.no_grad():
+        full = m.forward_image(x, cond)
+        sub = m.forward_image(x, cond, classes=classes)
+    torch.testing.assert_close(sub.logits[:, :-1], full.logits[:, classes], rtol=1e-5, atol=1e-5)
+
+
+def test_colour_blind_needs_colour_and_plan_words():
+    from runtime.vocabulary import Vocabulary, VocabularyError
+
+    m = build_model("micro", colour_blind=True)
+    with pytest.raises(VocabularyError, match="'dog' is not '<colour> <body plan>'"):
+        m.encode_vocabulary(Vocabulary.from_names([("dog", "head")]))
+    with pytest.raises(ConfigError, match="colour_blind needs mode 'partclipseg'"):
+        load_model_config("micro", mode="clipseg", colour_blind=True)

@@ -1,0 +1,141 @@
+"""A colour-blind model (`ModelConfig.colour_blind`) through export and the runtime: its bundle
+mode, graph inputs, backends, vocabulary subsets, new names through the text side, engines."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from runtime import Segmenter  # noqa: E402
+from runtime import bundle as spec  # noqa: E402
+from runtime.vocabulary import ObjectWords, Vocabulary, VocabularyError  # noqa: E402
+
+
+def _frames(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_object_words_split_names_into_colour_and_plan():
+    w = ObjectWords.split(["red quadruped", "blue bird", "red bird"])
+    assert w.colours == ("red", "blue") and w.plans == ("quadruped", "bird")
+    assert w.words == ("red", "blue", "quadruped", "bird")
+    assert w.matrix() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1]]
+    assert ObjectWords.split(["dark  green   sea turtle"]).plans == ("green   sea turtle",)
+    with pytest.raises(VocabularyError, match="'car' is not '<colour> <body plan>'"):
+        ObjectWords.split(["red bird", "car"])
+
+
+def test_bundle_has_the_word_inputs(micro_cb_bundle, vocab):
+    m = spec.read_manifest(micro_cb_bundle)
+    assert m.mode == "colour_blind" and m.model_config["colour_blind"] is True
+    assert tuple(m.inputs) == spec.inputs_for_mode("colour_blind")
+    assert m.inputs[spec.OBJECT_WORDS].shape == ("O", "C+Wp")
+    assert m.inputs[spec.OBJECT_FILM[0]].shape[0] == "Wp+1"
+    arrays = spec.read_vocab(m)
+    assert arrays[spec.OBJECT_WORDS].shape == (2, 4)  # red quadruped, blue bird: 4 words
+    assert arrays[spec.OBJECT_FILM[0]].shape[0] == 3 and arrays[spec.COLOUR_FILM[0]].shape[0] == 2
+    # export measured every graph against PyTorch and would have refused to write otherwise
+    assert set(m.onnx.parity) == {"fp32", "fp16", "fp32_labels", "fp16_labels"}
+    assert m.onnx.parity["fp32"]["rel_error"] <= 1e-4
+
+
+def test_backends_agree(micro_cb_bundle, micro_cb_ckpt):
+    frames = list(_frames(3))
+    ort = Segmenter.load(micro_cb_bundle, backend="onnxruntime", threads=1)
+    ref = Segmenter.load(micro_cb_bundle, backend="torch", checkpoint=micro_cb_ckpt)
+    a, b = ort.predict_batch(frames, scores=True), ref.predict_batch(frames, scores=True)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.scores, y.scores, atol=1e-4)
+        assert np.mean(x.labels == y.labels) > 0.999
+
+
+def test_a_class_subset_feeds_only_its_words(micro_cb_bundle, micro_cb_ckpt, vocab):
+    """`classes=` keeps the words of the requested objects; the result is the model's on the
+    subset vocabulary."""
+    from partclipseg.checkpoint import load_model
+    from partclipseg.model.deploy import DeployModel, vocab_arrays
+    from runtime.io import CLIP_MEAN, CLIP_STD
+
+    seg = Segmenter.load(micro_cb_bundle, backend="onnxruntime", threads=1)
+    names = [n for n in vocab.class_names if n.startswith("blue bird")][:2]
+    feed = seg.feed(names)
+    assert feed[spec.OBJECT_WORDS].tolist() == [[1.0, 1.0]]  # blue, bird
+    assert feed[spec.COLOUR_FILM[0]].shape[0] == 1 and feed[spec.OBJECT_FILM[0]].shape[0] == 2
+    model, _, _ = load_model(micro_cb_ckpt)
+    sub = Vocabulary.from_names([tuple(n.split("'s ")) for n in names])
+    frame = _frames(1)
+    deploy = DeployModel(model, CLIP_MEAN, CLIP_STD).eval()
+    ref_feed = {spec.IMAGE: frame, **vocab_arrays(model, sub)}
+    with torch.no_grad():
+        ref = deploy(*(torch.from_numpy(ref_feed[n])
+                       for n in spec.inputs_for_mode("colour_blind")))[0].numpy()
+    got = seg.backend.run({spec.IMAGE: frame, **feed})[spec.LOGITS]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_new_names_through_the_text_side(micro_cb_bundle, micro_cb_ckpt):
+    """A pair never exported ("green bird") is two words the text side encodes without torch."""
+    from partclipseg.checkpoint import load_model
+    from partclipseg.model.deploy import vocab_arrays
+    from runtime.text import TextSide
+
+    new = Vocabulary.from_names([("green bird", "head"), ("green bird", "wing"),
+                                 ("red quadruped", "leg")])
+    text = TextSide.open(spec.read_manifest(micro_cb_bundle), threads=1)
+    got = text.vocab_arrays(new)
+    model, _, _ = load_model(micro_cb_ckpt)
+    ref = vocab_arrays(model, new)
+    assert set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    seg = Segmenter.load(micro_cb_bundle, backend="onnxruntime", threads=1)
+    pred = seg.predict(_frames(1)[0], classes=["green bird's head", "red quadruped's leg"])
+    assert pred.class_names == ("green bird's head", "red quadruped's leg")
+    with pytest.raises(VocabularyError, match="'<colour> <body plan>'"):
+        seg.predict(_frames(1)[0], classes=["dog's head"])
+
+
+def test_fast_graphs_are_refused_clearly(micro_cb_ckpt, tmp_path):
+    from export.onnx import export_onnx
+
+    with pytest.raises(ValueError, match="not built for colour-blind models"):
+        export_onnx(micro_cb_ckpt, tmp_path / "b", fast=[1])
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_vocab_file_that_does_not_match_is_named(micro_cb_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(micro_cb_bundle, out)
+    m = spec.read_manifest(out)
+    arrays = spec.read_vocab(m)
+    arrays[spec.OBJECT_WORDS] = arrays[spec.OBJECT_WORDS][:, :3]
+    from export.bundle import update_manifest, write_vocab
+
+    write_vocab(out, arrays, m.files["vocab"].path)
+    update_manifest(out, {"vocab": m.files["vocab"].path})
+    with pytest.raises(spec.BundleError, match="does not match the manifest's vocabulary"):
+        spec.read_vocab(spec.read_manifest(out))
+
+
+def test_engine_profile_covers_the_word_inputs(micro_cb_bundle):
+    from export.trt import profile_shapes
+
+    shapes = profile_shapes(spec.read_manifest(micro_cb_bundle), 1, 1, 2, 16)
+    assert shapes[spec.OBJECT_WORDS] == [[1, 2], [2, 4], [16, 32]]
+    assert shapes[spec.COLOUR_FILM[0]][1][0] == 2 and shapes[spec.OBJECT_FILM[0]][0][0] == 2
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("key", ["onnx_fp16", "onnx_fp16_labels"])
+def test_colour_blind_graphs_build_with_tensorrt(tensorrt_builder, micro_cb_bundle, key):
+    from export.trt import engine_bytes, profile_shapes
+
+    manifest = spec.read_manifest(micro_cb_bundle)
+    engine = engine_bytes(manifest.file(key), profile_shapes(manifest, 1, 1, 2, 16),
+                          workspace_gib=1.0)
+    assert len(engine) > 10_000
