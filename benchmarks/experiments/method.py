@@ -36,7 +36,8 @@ from runtime.io import atomic_write_text
 # Each variant is a list of config overrides (`partclipseg train --set`).
 VARIANTS: dict[str, list[str]] = {
     "partclipseg": [],
-    "clipseg": ["model_overrides.mode=clipseg"],
+    # The baseline has no object head to make colour-blind; it keeps the recipe's towers.
+    "clipseg": ["model_overrides.mode=clipseg", "model_overrides.colour_blind=false"],
     "partclipseg_no_sep": ["loss.sep=0.0"],
     "partclipseg_no_enh": ["loss.enh=0.0"],
 }

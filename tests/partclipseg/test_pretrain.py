@@ -156,3 +156,24 @@ def test_grey_images_train_only_colour_free_sets(tmp_path):
                        tmp_path / "t.pt", progress=False)
     assert summary["names"] == NameSets.synthparts().all_names(("parts", "colours", "plans"))
     assert set(summary["held_out_named_token_accuracy"]) == {"parts", "colours", "plans"}
+
+
+def test_the_shipped_towers_follow_the_rules_and_load_into_the_demo_model():
+    """partclipseg/weights/synthparts_tiny_grey.pt, which the demo config names: written by the
+    documented command (seen-only names, half the images grey), <= 20 MB, loadable by name."""
+    from partclipseg.model.backbone import WEIGHTS_DIR
+    from partclipseg.training.config import load_train_config
+
+    cfg = load_train_config("synthparts_tiny")
+    name = cfg.model_overrides["pretrained"]
+    path = WEIGHTS_DIR / name
+    assert path.is_file() and path.stat().st_size <= 20 * 2 ** 20
+    record = torch.load(path, weights_only=True)
+    run = record["pretrain"]
+    assert run["config"]["sets"] == ["parts", "colours", "plans"] and run["config"]["grey"] == 0.5
+    assert record["model_config"]["name"] == cfg.model == "tiny"
+    v = SYNTHPARTS_VOCABULARY
+    assert not v.unseen_objects & set(run["names"])
+    model = build_model(cfg.model, **cfg.model_overrides)  # resolves the name in WEIGHTS_DIR
+    w = record["state_dict"]["visual.transformer.resblocks.0.mlp.c_fc.weight"].float()
+    torch.testing.assert_close(model.vit.blocks[0].mlp.c_fc.weight.detach(), w)
