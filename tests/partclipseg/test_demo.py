@@ -12,7 +12,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     from partclipseg.cli import main
 
     cfg = tmp_path / "demo_small.yaml"
+    # The demo recipe's model (shipped towers, colour-blind head), on a few images and steps.
     cfg.write_text("model: tiny\ndata: {kind: synthparts, synth_train: 12, synth_val: 4}\n"
+                   "model_overrides: {pretrained: synthparts_tiny_grey.pt, colour_blind: true}\n"
                    "steps: 2\nbatch_size: 2\neval_every: 2\nnum_workers: 0\nlr: 1.0e-3\n")
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--config", str(cfg)]) == 0
@@ -24,5 +26,6 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert rows["onnxruntime:cpu:fp32"]["pixel_agreement"] >= 0.999
     assert abs(rows["onnxruntime:cpu:fp32"]["d_miou_seen"]) <= 0.05
     assert (out / "bundle" / "manifest.json").is_file() and (out / "run" / "best.pt").is_file()
+    assert json.loads((out / "bundle" / "manifest.json").read_text())["mode"] == "colour_blind"
     assert len(list((out / "overlays").glob("*.png"))) == 4
     assert "pixel agr." in printed and "PyTorch FP32, oracle-obj" in printed

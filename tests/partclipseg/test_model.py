@@ -67,19 +67,23 @@ def test_conditions_are_independent_batch_members(models, vocab, make_batch):
     torch.testing.assert_close(sub[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_reach_all_trainable_and_no_frozen(models, vocab, make_batch):
-    m = models["partclipseg"]
+def _without_gradient(m, vocab, batch) -> list[str]:
+    """Backward of the full loss (every term, L_sep and L_enh included) on `batch`; returns the
+    trainable parameters that got no gradient."""
+    x, part, obj = batch
     m.zero_grad(set_to_none=True)
-    x, part, obj = make_batch(torch)
-    cond = m.encode_vocabulary(vocab)
-    out = m.forward_image(x, cond, need_attention=True)
+    out = m.forward_image(x, m.encode_vocabulary(vocab), need_attention=True)
     loss, terms = PartCLIPSegLoss()(out, vocab, *build_targets(part, obj, vocab.num_classes,
                                                              len(vocab.objects)))
     assert set(terms) == {"os", "obj", "part", "sep", "enh"}
     loss.backward()
-    trainable = dict(m.trainable_parameters())
-    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert no_grad == []
+    return [n for n, p in m.trainable_parameters()
+            if p.grad is None or not p.grad.abs().sum() > 0]
+
+
+def test_gradients_reach_all_trainable_and_no_frozen(models, vocab, make_batch):
+    m = models["partclipseg"]
+    assert _without_gradient(m, vocab, make_batch(torch)) == []
     leaked = [n for n, p in m.named_parameters() if not p.requires_grad and p.grad is not None]
     assert leaked == []
     # The frozen CLIP image tower, text transformer and projection stay frozen.
@@ -329,18 +333,10 @@ def test_colour_blind_object_logit_is_the_sum_of_its_words():
 
 def test_colour_blind_gradients_and_class_selection(colour_blind, vocab, make_batch):
     m = colour_blind
-    m.zero_grad(set_to_none=True)
     x, part, obj = make_batch(torch, size=64)
-    cond = m.encode_vocabulary(vocab)
-    out = m.forward_image(x, cond, need_attention=True)
-    loss, terms = PartCLIPSegLoss()(out, vocab, *build_targets(part, obj, vocab.num_classes,
-                                                             len(vocab.objects)))
-    assert set(terms) == {"os", "obj", "part", "sep", "enh"}
-    loss.backward()
-    no_grad = [n for n, p in m.trainable_parameters()
-               if p.grad is None or not p.grad.abs().sum() > 0]
-    assert no_grad == []
+    assert _without_gradient(m, vocab, (x, part, obj)) == []
     m.zero_grad(set_to_none=True)
+    cond = m.encode_vocabulary(vocab)
     classes = torch.tensor([4, 0])
     with torch.no_grad():
         full = m.forward_image(x, cond)

@@ -170,7 +170,8 @@ def test_the_shipped_towers_follow_the_rules_and_load_into_the_demo_model():
     assert path.is_file() and path.stat().st_size <= 20 * 2 ** 20
     record = torch.load(path, weights_only=True)
     run = record["pretrain"]
-    assert run["config"]["sets"] == ["parts", "colours", "plans"] and run["config"]["grey"] == 0.5
+    assert tuple(run["config"]["sets"]) == ("parts", "colours", "plans")
+    assert run["config"]["grey"] == 0.5
     assert record["model_config"]["name"] == cfg.model == "tiny"
     v = SYNTHPARTS_VOCABULARY
     assert not v.unseen_objects & set(run["names"])
