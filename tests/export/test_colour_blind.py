@@ -139,3 +139,18 @@ def test_colour_blind_graphs_build_with_tensorrt(tensorrt_builder, micro_cb_bund
     engine = engine_bytes(manifest.file(key), profile_shapes(manifest, 1, 1, 2, 16),
                           workspace_gib=1.0)
     assert len(engine) > 10_000
+
+
+def test_export_vocab_writes_a_new_word_vocabulary(micro_cb_bundle, micro_cb_ckpt, tmp_path):
+    """`export.vocab` on a colour-blind bundle: new pairs, new word rows, the graphs untouched."""
+    from export.vocab import set_vocabulary
+
+    out = tmp_path / "b"
+    shutil.copytree(micro_cb_bundle, out)
+    new = Vocabulary.from_names([("green bird", "head"), ("green quadruped", "leg"),
+                                 ("red bird", "wing")])
+    manifest = set_vocabulary(out, micro_cb_ckpt, new)
+    arrays = spec.read_vocab(manifest)
+    assert arrays[spec.OBJECT_WORDS].shape == (3, 4)  # green, red; bird, quadruped
+    seg = Segmenter.load(out, backend="onnxruntime", threads=1)
+    assert seg.predict(_frames(1)[0]).class_names == new.class_names
