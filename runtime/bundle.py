@@ -51,7 +51,8 @@ from .vocabulary import ObjectWords, Vocabulary
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMING_CACHE",
            "TOKENIZER_FILE", "TEXT_ONNX_FILE", "TEXT_HEAD_FILE", "TOKENS", "TEXT_FEATURES",
            "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "VOCAB_INPUTS", "PART_FILM",
-           "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "COLOUR_FILM", "OBJECT_WORDS", "inputs_for_mode", "outputs_for_mode",
+           "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "COLOUR_FILM", "OBJECT_WORDS",
+           "inputs_for_mode", "outputs_for_mode",
            "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef", "OnnxInfo",
            "EngineInfo", "TextInfo", "FastInfo", "Manifest", "slot_masks", "OBJECT_VALID",
            "CLASS_VALID", "pad_to_slots", "read_manifest", "read_vocab"]
@@ -281,9 +282,9 @@ class TextInfo:
 class Manifest:
     """manifest.json, typed. `to_dict`/`from_dict` are what export writes and the runtime reads.
 
-    mode: "partclipseg" | "clipseg" | "colour_blind"; input_size: the model's square input side S (pixels);
-    image_dtype: "uint8" | "float32" (RGB 0-255 either way; normalization with mean/std is
-    in-graph); files: {key: FileEntry} with keys "vocab", `graph_file(...)[0]`, "engine", ...
+    mode: "partclipseg" | "clipseg" | "colour_blind" (`inputs_for_mode`); input_size: the
+    model's square input side S (pixels); image_dtype: "uint8" | "float32" (RGB 0-255 either
+    way; normalization with mean/std is in-graph); files: {key: FileEntry} with keys "vocab", `graph_file(...)[0]`, "engine", ...
     """
 
     mode: str
