@@ -31,6 +31,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import pytest
 
+from benchmarks.targets import TargetBook
+
 DEMO_CHECKPOINT = Path("demo") / "run" / "best.pt"  # relative to the pytest rootdir
 
 
@@ -88,6 +90,7 @@ class BenchReport:
 
 
 _REPORT = pytest.StashKey[BenchReport]()
+_TARGETS = pytest.StashKey[TargetBook]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,10 +101,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 "the default bundle); default: the bundle manifest's")
     g.addoption("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
     g.addoption("--quick", action="store_true", help="batches 1 and 8, few rounds")
+    g.addoption("--targets", action="store_true", help="fail on missed speed targets too "
+                "(default: report them; correctness targets and gates always fail)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_REPORT] = BenchReport()
+    config.stash[_TARGETS] = TargetBook(enforce_speed=config.getoption("--targets"))
 
 
 def _options(config: pytest.Config) -> BenchOptions:
@@ -142,6 +148,12 @@ def bench_options(pytestconfig: pytest.Config) -> BenchOptions:
 @pytest.fixture(scope="session")
 def bench_report(pytestconfig: pytest.Config) -> BenchReport:
     return pytestconfig.stash[_REPORT]
+
+
+@pytest.fixture(scope="session")
+def targets(pytestconfig: pytest.Config) -> TargetBook:
+    """The session's `TargetBook`: `targets.check(Target(...))` records and gates a target."""
+    return pytestconfig.stash[_TARGETS]
 
 
 # Fast slot graphs of the bench bundle, with slots that fit SynthParts' 13 parts, 16 objects and
@@ -277,11 +289,24 @@ def frames(bench_bundle: BenchBundle) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (max(BATCHES), s, s, 3), dtype=np.uint8)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the target table ends the run
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     report = config.stash.get(_REPORT, None)
-    if report is None or not (report.latency or report.ratios or report.parity):
-        return
-    tr = terminalreporter
+    if report is not None:
+        _write_report(terminalreporter, report)
+    book = config.stash.get(_TARGETS, None)
+    if book is not None and book.targets:
+        tr = terminalreporter
+        tr.section("targets")
+        for line in book.table():
+            tr.write_line("  " + line)
+        reported = [t for t in book.targets if t.speed and not t.met and t.gate_met]
+        if reported and not book.enforce_speed:
+            tr.write_line(f"  {len(reported)} speed target(s) missed on this machine: reported, "
+                          "not failed (pytest benchmarks/ --targets fails on them)")
+
+
+def _write_report(tr: Any, report: BenchReport) -> None:
     if report.latency:
         tr.section("latency (median ms; speed-up vs torch-fp32 of the same call and batch)")
         ref = {(call, b): ms for (r, call, b), ms in report.latency.items() if r == REFERENCE.id}

@@ -1,4 +1,4 @@
-"""GPU latency of the reference model, every path in one run (DESIGN section 6).
+"""GPU latency of the reference model, every path in one run (docs/design.md, "Targets").
 
     PYTHONPATH=/tmp/site python3 -m benchmarks.gpu_bench                 # H100: < 6 min
     python -m benchmarks.gpu_bench --smoke                               # tiny model, b1, any
@@ -49,7 +49,7 @@ from benchmarks.timing import Timing, time_calls, time_cuda
 from runtime.errors import run_command
 
 BATCHES = (1, 8, 32)
-TARGET_B1_MS = 1.0           # DESIGN section 6, GPU: exported FP16 predict, batch 1
+TARGET_B1_MS = 1.0           # docs/design.md, GPU: exported FP16 predict, batch 1
 # Fast slot graphs of the reference bundle: batch 1 and 32 (the two targets; batch 8 runs
 # padded in the 32 graph), slots that fit Pascal-Part-116 (116 classes, 42 parts, 16 objects).
 FAST_BATCHES = (1, 32)
@@ -487,7 +487,7 @@ def _clean(x: Any) -> Any:
 
 # -- report -------------------------------------------------------------------------------------
 def table(result: dict[str, Any]) -> str:
-    """The short summary printed last: medians per path and batch, agreement, DESIGN targets."""
+    """The short summary printed last: medians per path and batch, agreement, the GPU targets (docs/design.md)."""
     lat, agree = result["latency_ms"], result["agreement_vs_torch_fp32"]
     batches = sorted({int(b[1:]) for r in lat.values() for c in r.values() for b in c})
     head = f"{'path':<13} {'call':<8}" + "".join(f" {'b' + str(b) + ' ms':>10}" for b in batches)
@@ -516,7 +516,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def targets(result: dict[str, Any]) -> list[str]:
-    """DESIGN section 6 GPU targets, each against the better of the two exported FP16 paths
+    """The GPU targets (docs/design.md), each against the better of the two exported FP16 paths
     (logits graph + numpy post-processing, label-map graph)."""
     lat, agree = result["latency_ms"], result["agreement_vs_torch_fp32"]
     ref = lat.get("torch-fp32", {}).get("model", {})

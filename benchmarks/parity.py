@@ -1,4 +1,4 @@
-"""Accuracy parity: a `runtime.Segmenter` evaluated with the OV-PARTS protocol (DESIGN section 2).
+"""Accuracy parity: a `runtime.Segmenter` evaluated with the OV-PARTS protocol (docs/design.md, "Evaluation").
 
 `evaluate_segmenter` runs the library's `partclipseg.evaluation.evaluate.evaluate_segmenter`
 (the evaluation protocol through the runtime) and keeps every label map with the region where it

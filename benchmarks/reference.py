@@ -1,6 +1,6 @@
 """Benchmark models: random-init checkpoints exported to bundles, in one call.
 
-    python -m benchmarks.reference --out bundles/reference      # DESIGN section 6 speed model
+    python -m benchmarks.reference --out bundles/reference      # the reference speed model (docs/design.md)
 
 The reference speed model is ViT-B/16 at 352 px (`build_model("vit_b16")`, random weights) with
 the Pascal-Part-116 vocabulary (116 object-specific classes over 42 generalized parts and 16
@@ -103,7 +103,7 @@ def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | N
 
 def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reference",
-                                description="write the DESIGN section 6 reference speed model: "
+                                description="write the reference speed model (docs/design.md): "
                                             "random-init ViT-B/16 @352, Pascal-Part-116 "
                                             "vocabulary, FP32 + FP16 ONNX bundle")
     p.add_argument("--out", default="bundles/reference", help="bundle folder (default "

@@ -1,5 +1,5 @@
-"""Latency of every backend/precision at batch 1, 8, 32 (DESIGN section 6), with PyTorch eager
-FP32 of the same model in the same run as the reference.
+"""Latency of every backend/precision at batch 1, 8, 32 (docs/design.md, "Targets"), with
+PyTorch eager FP32 of the same model in the same run as the reference.
 
 Two calls per route and batch, in one pytest-benchmark group "<backend>/<precision>/b<batch>":
   predict   `Segmenter.predict` (B = 1) / `predict_batch` (B > 1) end to end: (S, S, 3) uint8
@@ -7,7 +7,9 @@ Two calls per route and batch, in one pytest-benchmark group "<backend>/<precisi
             post-processing in numpy). Frames are at the model's input size S, so no resize.
   backend   the bare `seg.backend.run(feed)`: (B, S, S, 3) uint8 + the bundle's vocabulary
             arrays in, logits (B, K + 1, S, S) and object logits (B, O + 1, S, S) out.
-`test_cpu_onnxruntime_vs_torch` checks the CPU ratio target with its own alternating-block timing.
+`test_cpu_onnxruntime_vs_torch` measures the CPU ratio target with its own alternating-block
+timing: a speed target (reported; fails only under --targets) with a gross-regression gate
+(ONNX Runtime slower than torch eager) that fails on every run.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ import numpy as np
 import pytest
 
 from benchmarks.conftest import REFERENCE, BenchReport, Route
+from benchmarks.targets import Target, TargetBook
 from benchmarks.timing import time_calls
 
 # (warm-up calls, timed rounds) per batch; rounds shrink with the batch so b32 stays affordable.
 ROUNDS = {1: (2, 10), 8: (1, 5), 32: (1, 3)}
 QUICK_ROUNDS = {1: (1, 3), 8: (1, 2)}
-CPU_RATIO_TARGET = 1.5  # DESIGN section 6: ONNX Runtime >= 1.5x faster than torch eager FP32
+CPU_RATIO_TARGET = 1.5  # docs/design.md: ONNX Runtime >= 1.5x faster than torch eager FP32
+# Gross regression, failed on every machine: ONNX Runtime no faster than torch eager. The ratio
+# spans 1.36x-1.82x across runs and machines (docs/design.md, "Gates"), so 1.0x is far outside
+# the noise and only a real regression (a graph that lost its fusions, a slow op) crosses it.
+CPU_RATIO_GATE = 1.0
 
 
 def _rounds(quick: bool, batch: int) -> tuple[int, int]:
@@ -83,11 +90,11 @@ def test_backend(benchmark: Any, route: Route, batch: int, open_segmenter: Any,
 
 def test_cpu_onnxruntime_vs_torch(bench_options: Any, bench_bundle: Any, open_segmenter: Any,
                                   frames: np.ndarray, bench_report: BenchReport,
-                                  record_property: Any) -> None:
-    """DESIGN section 6, CPU: ONNX Runtime FP32 >= 1.5x faster than PyTorch eager FP32 at
-    batch 1, measured here in the same process.
+                                  targets: TargetBook, record_property: Any) -> None:
+    """CPU target: ONNX Runtime FP32 >= 1.5x faster than PyTorch eager FP32 at batch 1,
+    measured here in the same process; gate: >= 1.0x.
 
-    Asserted on the bare backend call (graph vs eager model, as DESIGN's CPU anchor measured):
+    Checked on the bare backend call (graph vs eager model, as the CPU anchor measured):
     `Segmenter.predict` adds the same numpy pre/post-processing to both, which dilutes the
     engine ratio (tiny model: ~13 ms of Pred-All post-processing on ~17-30 ms of inference).
     The predict ratio is reported next to it.
@@ -135,6 +142,7 @@ def test_cpu_onnxruntime_vs_torch(bench_options: Any, bench_bundle: Any, open_se
     finally:
         torch.set_num_threads(default_threads)
         ort["1"].close()
+
     def best_ratio(m: dict[str, float]) -> float:
         return (min(m["torch/default"], m["torch/1"])
                 / min(m["onnxruntime/default"], m["onnxruntime/1"]))
@@ -147,11 +155,10 @@ def test_cpu_onnxruntime_vs_torch(bench_options: Any, bench_bundle: Any, open_se
             f"{m['onnxruntime/default']:.1f} / {m['onnxruntime/1']:.1f} ms -> best vs best "
             f"{best_ratio(m):.2f}x on medians, {ratio[call]:.2f}x on fastest runs")
         record_property(f"ratio_{call}", ratio[call])
-    bench_report.ratios.append(f"target: best vs best on backend, fastest runs, >= "
-                               f"{CPU_RATIO_TARGET}x ({blocks * per_block} timed runs per "
-                               "configuration)")
-    assert ratio["backend"] >= CPU_RATIO_TARGET, (
-        f"ONNX Runtime FP32 is {ratio['backend']:.2f}x faster than torch eager FP32 at batch 1 "
-        f"(bare backend call, best thread setting of each; fastest of {blocks * per_block} runs, "
-        f"ms {fastest['backend']}; medians {medians['backend']}); DESIGN section 6 wants >= "
-        f"{CPU_RATIO_TARGET}x. End-to-end predict: {ratio['predict']:.2f}x")
+    targets.check(
+        Target("cpu b1 backend: ONNX Runtime FP32 vs torch eager FP32 (fastest runs)",
+               goal=CPU_RATIO_TARGET, measured=ratio["backend"], unit="x", speed=True,
+               gate=CPU_RATIO_GATE),
+        detail=f"Bare backend call, best thread setting of each; fastest of "
+               f"{blocks * per_block} runs, ms {fastest['backend']}; medians "
+               f"{medians['backend']}. End-to-end predict: {ratio['predict']:.2f}x")

@@ -4,7 +4,10 @@
 - parity: the graph inputs `runtime.text` encodes (numpy + ONNX Runtime, no torch) equal the ones
   partclipseg computes in torch (relative error <= 1e-5), and a bundle whose vocabulary was
   written from them predicts the SynthParts val split exactly as the exported one;
-- latency: encoding 1, 16 and 128 new names, and a cache hit (ratios asserted within the run).
+- latency: encoding 1, 16 and 128 new names, and a cache hit: a speed target (a hit at most half
+  the time of one new name, a ratio within the run; reported, fails only under --targets) with a
+  gross-regression gate (a hit no slower than a miss) that fails on every run. That a hit runs
+  no tower at all is a correctness check in tests/runtime/test_text.py.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ import pytest
 
 from benchmarks.conftest import BenchBundle, BenchReport
 from benchmarks.parity import compare, evaluate_segmenter
+from benchmarks.targets import Target, TargetBook
 
 MAX_REL_ERROR = 1e-5
+CACHE_HIT_TARGET = 2.0  # a miss (one new name) / a hit (16 cached names), medians
+# Gross regression: a hit as slow as a miss, i.e. the cache no longer skips the tower. The
+# ratio's spread is in docs/design.md ("Gates"); 1.0x sits far below it.
+CACHE_HIT_GATE = 1.0
 _fresh = itertools.count()  # names never seen before in this process
 
 
@@ -39,7 +47,8 @@ def text_side(bench_bundle: BenchBundle) -> Any:
 
 
 def test_text_side_equals_torch_on_the_bench_model(bench_bundle: BenchBundle, text_side: Any,
-                                                   bench_report: BenchReport) -> None:
+                                                   bench_report: BenchReport,
+                                                   targets: TargetBook) -> None:
     if bench_bundle.checkpoint is None:
         pytest.skip("needs the bundle's checkpoint (--ckpt)")
     from partclipseg.checkpoint import load_model
@@ -57,16 +66,19 @@ def test_text_side_equals_torch_on_the_bench_model(bench_bundle: BenchBundle, te
                 np.testing.assert_array_equal(got[name], ref)
                 continue
             err = float(np.linalg.norm(got[name] - ref) / np.linalg.norm(ref))
-            worst = max(worst, err)
-            assert err <= MAX_REL_ERROR, (name, err)
+            if err > worst:
+                worst, where = err, name
     bench_report.parity.append(f"text side (numpy + ORT) vs torch, {vocab.num_classes} + "
                                f"{new.num_classes} classes: max relative error {worst:.1e} "
                                f"(model: {bench_bundle.source})")
+    targets.check(Target("text side vs torch: relative error", goal=MAX_REL_ERROR,
+                         measured=worst, higher=False),
+                  detail=f"worst input {where if worst else '-'}")
 
 
 def test_runtime_encoded_vocabulary_predicts_like_the_exported_one(
         bench_bundle: BenchBundle, text_side: Any, val_split: dict[str, Any],
-        tmp_path: Path, bench_report: BenchReport) -> None:
+        tmp_path: Path, bench_report: BenchReport, targets: TargetBook) -> None:
     """The bundle's vocab.npz (torch, at export) replaced by the runtime's own encoding of the
     same names: Pred-All labels on SynthParts val agree."""
     from export.bundle import update_manifest, write_vocab
@@ -85,7 +97,10 @@ def test_runtime_encoded_vocabulary_predicts_like_the_exported_one(
     c = compare(ours, ref)
     bench_report.parity.append(f"runtime-encoded vocabulary vs exported, Pred-All: max|d| "
                                f"{c.max_abs_delta():.3f} pt, agreement {100 * c.agreement:.4f}%")
-    assert c.agreement >= 0.9999 and c.max_abs_delta() <= 0.05, c
+    targets.check(Target("runtime-encoded vocabulary: Pred-All label agreement",
+                         goal=99.99, measured=100 * c.agreement, unit="%"))
+    targets.check(Target("runtime-encoded vocabulary: Pred-All max |dmIoU|", goal=0.05,
+                         measured=c.max_abs_delta(), unit=" pt", higher=False))
 
 
 @pytest.mark.parametrize("n", [1, 16, 128])
@@ -101,7 +116,7 @@ def test_encode_new_names(benchmark: Any, text_side: Any, environment: dict[str,
 
 
 def test_encode_cache_hit_is_cheap(benchmark: Any, text_side: Any,
-                                   environment: dict[str, Any]) -> None:
+                                   environment: dict[str, Any], targets: TargetBook) -> None:
     """16 names encoded before: no tower run, so at most half the time of one new name."""
     import time
 
@@ -124,7 +139,10 @@ def test_encode_cache_hit_is_cheap(benchmark: Any, text_side: Any,
         t = time.perf_counter()
         text_side.vocab_arrays(one)
         miss.append(time.perf_counter() - t)
-    assert 2 * np.median(hit) <= np.median(miss), (miss, hit)
+    targets.check(Target("text: one new name / 16 cached names (median times)",
+                         goal=CACHE_HIT_TARGET, measured=float(np.median(miss) / np.median(hit)),
+                         unit="x", speed=True, gate=CACHE_HIT_GATE),
+                  detail=f"miss s {miss}, hit s {hit}")
 
 
 def _vocab(names: list[str]) -> Any:

@@ -28,7 +28,15 @@ except ImportError:  # Windows: no stale-staging cleanup
 from runtime.io import atomic_write, atomic_write_text
 from runtime.bundle import MANIFEST, Manifest, read_manifest
 
-__all__ = ["staged_bundle", "clean_stale_staging", "write_manifest", "write_vocab", "update_manifest"]
+__all__ = ["staged_bundle", "clean_stale_staging", "write_manifest", "write_vocab",
+           "update_manifest", "default_bundle_dir"]
+
+
+def default_bundle_dir(ckpt: str | Path) -> Path:
+    """The bundle folder the export commands write when `--out` is left out: `best_bundle/`
+    beside checkpoint `best.pt`."""
+    ckpt = Path(ckpt)
+    return ckpt.with_name(f"{ckpt.stem}_bundle")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,6 @@
-"""`python -m export.onnx --ckpt best.pt --out BUNDLE`: checkpoint -> FP32 + FP16 ONNX bundle.
+"""`python -m export.onnx --ckpt best.pt [--out BUNDLE]`: checkpoint -> FP32 + FP16 ONNX bundle.
+
+The bundle folder defaults to `best_bundle/` beside the checkpoint.
 
 Steps: load the checkpoint; precompute the text side (vocab.npz); trace `DeployModel` to ONNX
 (opset 17, so LayerNorm is one LayerNormalization node); check and simplify it (onnx checker,
@@ -287,7 +289,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by partclipseg train")
-    p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--out", help="bundle folder to write, replaced atomically (default: "
+                   "CKPT_bundle/ beside the checkpoint, e.g. best_bundle/ for best.pt)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     p.add_argument("--image-size", type=int, help="model input side (default: the checkpoint's)")
     p.add_argument("--image-dtype", choices=["uint8", "float32"], default="uint8",
@@ -311,11 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
 
     def body() -> int:
-        export_onnx(a.ckpt, a.out, opset=a.opset, image_size=a.image_size,
+        from .bundle import default_bundle_dir
+
+        out = Path(a.out) if a.out else default_bundle_dir(a.ckpt)
+        export_onnx(a.ckpt, out, opset=a.opset, image_size=a.image_size,
                     image_dtype=a.image_dtype, fp16=not a.no_fp16, labels=a.labels,
                     fast=a.fast, slots={"max_parts": a.max_parts, "max_objects": a.max_objects,
                                         "max_classes": a.max_classes},
                     fp32_tolerance=a.fp32_tolerance, fp16_tolerance=a.fp16_tolerance)
+        _log(f"bundle: {out.absolute()}")
         return 0
     return run_command("export.onnx", body)
 

@@ -1,6 +1,9 @@
-"""`python -m export.trt --ckpt best.pt --out BUNDLE`: a strongly typed FP16 TensorRT engine.
+"""`python -m export.trt --ckpt best.pt [--out BUNDLE]`: a strongly typed FP16 TensorRT engine.
 
-Builds the bundle's ONNX first when it is missing. FP16 lives in the graph (model_fp16.onnx:
+The bundle folder defaults to `best_bundle/` beside the checkpoint, as for `export.onnx`. Its
+ONNX graphs are exported first when the bundle is missing or was exported from another
+checkpoint (the manifest records the checkpoint's SHA-256); `--out BUNDLE` alone builds from an
+existing bundle. FP16 lives in the graph (model_fp16.onnx:
 LayerNorm in FP32, the rest FP16) and the network is built strongly typed, the one way that works
 on TensorRT 10, TensorRT 11 (no FP16 builder flag any more) and TensorRT-RTX. Optimization
 profiles cover the batch and the class dimensions (parts, objects, classes), so a new
@@ -139,23 +142,16 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
     from runtime.backends.tensorrt import current_gpu, import_tensorrt
 
     from .bundle import update_manifest
-    from .onnx import export_onnx
 
     trt, flav = import_tensorrt(flavour)  # fails early, naming the pip extra
     bundle = Path(bundle)
     onnx_key, _ = spec.graph_file(precision)
-    if not (bundle / spec.MANIFEST).is_file():
-        if ckpt is None:
-            raise FileNotFoundError(f"{bundle} is not a bundle and no --ckpt was given to "
-                                    "export one")
-        export_onnx(ckpt, bundle)
+    _export_if_needed(bundle, ckpt)
     manifest = spec.read_manifest(bundle)
     if fast:
         return _build_fast_engines(bundle, manifest, precision, workspace_gib, timing_cache)
     onnx_path = manifest.file(onnx_key)
     shapes = profile_shapes(manifest, min_batch, opt_batch, max_batch, max_classes)
-
-
     cache = Path(timing_cache) if timing_cache else bundle / spec.TIMING_CACHE
     _log(f"{onnx_path.name} -> {spec.ENGINE} with {flav} {trt.__version__} (strongly typed, "
          f"batch {min_batch}-{max_batch}, up to {max_classes} classes)")
@@ -174,6 +170,30 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
         max_batch=max_batch, strongly_typed=True, build_seconds=round(build_s, 2)))
     _log(f"manifest updated: {bundle / spec.MANIFEST}")
     return manifest
+
+
+def _export_if_needed(bundle: Path, ckpt: str | Path | None) -> None:
+    """Export `ckpt`'s ONNX bundle into `bundle` unless the bundle already holds that
+    checkpoint's graphs (same SHA-256)."""
+    from runtime.io import file_sha256
+
+    from .onnx import export_onnx
+
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist (--ckpt: a .pt written by "
+                                "partclipseg train)")
+    if not (bundle / spec.MANIFEST).is_file():
+        if ckpt is None:
+            raise FileNotFoundError(f"{bundle} is not a bundle and no --ckpt was given to "
+                                    "export one: pass --ckpt CKPT")
+        export_onnx(ckpt, bundle)
+        return
+    if ckpt is None:
+        return
+    ref = spec.read_manifest(bundle).checkpoint
+    if ref is None or ref.sha256 != file_sha256(ckpt):
+        _log(f"{bundle} was exported from another checkpoint than {ckpt}: exporting again")
+        export_onnx(ckpt, bundle)
 
 
 def _build_fast_engines(bundle: Path, manifest: Manifest, precision: str, workspace_gib: float,
@@ -199,8 +219,10 @@ def _build_fast_engines(bundle: Path, manifest: Manifest, precision: str, worksp
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", help="checkpoint (used when the bundle's ONNX must be exported)")
-    p.add_argument("--out", required=True, help="bundle folder")
+    p.add_argument("--ckpt", help="checkpoint; its ONNX graphs are exported first unless the "
+                   "bundle already holds them")
+    p.add_argument("--out", help="bundle folder (default: CKPT_bundle/ beside the checkpoint, "
+                   "e.g. best_bundle/ for best.pt)")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=8)
@@ -218,11 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.out is None and a.ckpt is None:
+        parser.error("give --ckpt CKPT (its bundle goes to CKPT_bundle/ beside it) or --out "
+                     "BUNDLE (an exported bundle)")
 
     def body() -> int:
-        build_engine(a.out, a.ckpt, a.min_batch, a.opt_batch, a.max_batch, a.max_classes,
+        from .bundle import default_bundle_dir
+
+        out = Path(a.out) if a.out else default_bundle_dir(a.ckpt)
+        build_engine(out, a.ckpt, a.min_batch, a.opt_batch, a.max_batch, a.max_classes,
                      a.workspace, a.timing_cache, a.precision, a.flavour, a.fast)
+        _log(f"bundle: {out.absolute()}")
         return 0
     return run_command("export.trt", body)
 

@@ -1,4 +1,4 @@
-"""The deployment bundle: what export writes and the runtime reads (DESIGN section 5).
+"""The deployment bundle: what export writes and the runtime reads (docs/design.md, "The bundle").
 
 A bundle folder holds
   manifest.json     this module's schema (FORMAT, FORMAT_VERSION)

@@ -1,4 +1,4 @@
-"""Logits -> label maps for the two inference settings (DESIGN section 1), numpy only.
+"""Logits -> label maps for the two inference settings (docs/design.md, "The method"), numpy only.
 
 Shared by every runtime backend and by evaluation, so measured accuracy is deployed accuracy.
 Label maps are (H, W) int32: a class index in [0, K), or BACKGROUND (-1).

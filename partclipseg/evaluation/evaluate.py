@@ -1,4 +1,4 @@
-"""Evaluate a model under Oracle-Obj or Pred-All with the OV-PARTS protocol (DESIGN section 2).
+"""Evaluate a model under Oracle-Obj or Pred-All with the OV-PARTS protocol (docs/design.md, "Evaluation").
 
 Pre- and post-processing are the runtime's numpy functions, so measured accuracy is the
 accuracy of the deployed pipeline.

@@ -3,7 +3,7 @@
 Targets use one convention throughout (see `build_targets`): a class/object index, the
 background index (= number of classes/objects, i.e. the last channel), or -1 = no supervision.
 
-Attention control (DESIGN section 1). For each ground-truth object o in an image and each part
+Attention control (docs/design.md, "The method"). For each ground-truth object o in an image and each part
 class j of o present there, the last stage-1 block's self-attention of the part and object
 conditions, A_j = (A_part + A_obj) / 2, is pooled over the queries inside the part's mask,
 blurred (3x3 Gaussian) and min-max normalized: map_j over the g x g keys, values in [0, 1].

@@ -213,22 +213,57 @@ def test_profile_shapes_cover_the_vocabulary(tiny_bundle):
 
 
 @pytest.mark.tensorrt
-def test_engine_builds_with_tensorrt(tensorrt_builder, tiny_bundle, tmp_path):
-    """Parses model_fp16.onnx strongly typed and builds a real engine (TensorRT-RTX runs its
-    builder on CPU-only machines; executing the engine needs a supported GPU)."""
-    from export.trt import main
+def test_literal_export_trt_command_builds_an_engine_beside_the_checkpoint(
+        tensorrt_builder, tiny_ckpt, micro_ckpt, micro_bundle, tmp_path):
+    """`python -m export.trt --ckpt best.pt`, as written, in a fresh folder: exports the ONNX
+    bundle to best_bundle/, parses model_fp16.onnx strongly typed and builds a real engine
+    (TensorRT-RTX builds on CPU-only machines; running the engine needs a supported GPU)."""
+    import subprocess
+    import sys
 
-    out = tmp_path / "b"
-    shutil.copytree(tiny_bundle, out)
-    assert main(["--out", str(out), "--max-batch", "2", "--max-classes", "16"]) == 0
+    def export_trt() -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "export.trt", "--ckpt", "best.pt"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    shutil.copy(tiny_ckpt, tmp_path / "best.pt")
+    done = export_trt()
+    out = tmp_path / "best_bundle"
+    assert done.stdout.strip().splitlines()[-1] == f"[export.trt] bundle: {out}"
     m = spec.read_manifest(out)
     engine = m.engine
     assert m.file("engine").stat().st_size > 100_000
     assert engine.strongly_typed and engine.onnx == spec.graph_file("fp16")[1]
-    d = m.model_config["reduce_dim"]
-    assert engine.version and engine.profiles[0]["class_film_mul"][2] == [16, d]
+    assert engine.max_batch == 8 and engine.profiles[0]["class_film_mul"][2][0] == 128
     assert (out / spec.TIMING_CACHE).is_file()
     assert not list(out.glob("*.lock")) and not list(out.glob(".*"))
+    assert m.checkpoint.path == str(tmp_path / "best.pt")
+    # Again on the same checkpoint: the engine is rebuilt from the bundle's graphs as they are.
+    assert "[export.onnx]" not in export_trt().stdout
+    # A retrained best.pt: its graphs replace the stale ones before the build.
+    shutil.copy(micro_ckpt, tmp_path / "best.pt")
+    assert "exporting again" in export_trt().stdout
+    m = spec.read_manifest(out)
+    assert m.model_config == spec.read_manifest(micro_bundle).model_config and m.engine
+
+
+def test_export_commands_default_to_a_bundle_beside_the_checkpoint(micro_ckpt, tmp_path,
+                                                                   capsys):
+    """`export.onnx --ckpt X.pt` writes X_bundle/ and prints it; `export.trt` with neither
+    --ckpt nor --out names both options."""
+    from export import onnx as export_onnx_cli
+    from export import trt
+
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(micro_ckpt, ckpt)
+    assert export_onnx_cli.main(["--ckpt", str(ckpt), "--no-fp16"]) == 0
+    assert spec.read_manifest(tmp_path / "best_bundle").has("onnx_fp32")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"[export.onnx] bundle: {tmp_path / 'best_bundle'}"
+    with pytest.raises(SystemExit) as e:
+        trt.main([])
+    assert e.value.code == 2 and "--ckpt CKPT" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -169,15 +168,3 @@ def test_generate_over_previous_output(tmp_path):
     (out / "classes.json").unlink()
     generate(out, seed=0, n_train=1, n_val=1, image_size=SMALL, progress=False)
     assert (out / "classes.json").is_file()
-
-
-# -- speed (reported, never asserted) ------------------------------------------------------------
-
-def test_speed_sanity(capsys):
-    n = 30
-    t0 = time.perf_counter()
-    for i in range(n):
-        render_sample(0, "train", i)
-    rate = n / (time.perf_counter() - t0) * 60
-    with capsys.disabled():
-        print(f"\nSynthParts render_sample @160: {rate:.0f} images/min on one core")

@@ -133,6 +133,24 @@ def test_bad_class_requests_are_named_and_nothing_is_cached(tiny_bundle, bad, er
     assert (dict(seg._selections), seg.vocabulary, dict(seg._text.encoder._cache)) == before
 
 
+def test_a_name_runs_through_the_tower_once(tiny_bundle, monkeypatch):
+    """The text cache: a name seen before (raw or after cleaning) runs no tower, and a batch
+    runs the tower only for its new names. (Its speed is a target in benchmarks/test_text.py.)"""
+    from runtime.text import TextSide
+
+    encoder = TextSide.open(spec.read_manifest(tiny_bundle)).encoder
+    rows = []
+    run = encoder.tower.run
+    monkeypatch.setattr(encoder.tower, "run",
+                        lambda feed: rows.append(len(feed[spec.TOKENS])) or run(feed))
+    first = encoder.encode(["cup's handle", "cup's body"])
+    again = encoder.encode(["Cup's  Handle", "cup's body"])  # cleaned to cached names
+    assert rows == [2]
+    np.testing.assert_array_equal(first, again)
+    encoder.encode(["cup's body", "mug's handle", "mug's handle"])
+    assert rows == [2, 1]
+
+
 def test_overlong_names_are_truncated_as_open_clip_does(tiny_bundle):
     """A name longer than the context length is cut (open_clip's truncation, documented),
     <end_of_text> kept last; two names that differ only past the cut encode the same."""
