@@ -211,8 +211,7 @@ class TorchPath:
         if precision == "fp16":
             self.deploy.half()
         self.device, self.precision, self.torch = device, precision, torch
-        names = spec.inputs_for_mode(manifest.mode)[1:]
-        self.vocab = [self._tensor(arrays[n]) for n in names]
+        self.vocab = [self._tensor(arrays[n]) for n in manifest.vocab_inputs]
 
     def _tensor(self, a: np.ndarray) -> Any:
         t = self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)

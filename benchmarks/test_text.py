@@ -25,9 +25,11 @@ from benchmarks.parity import compare, evaluate_segmenter
 from benchmarks.targets import Target, TargetBook
 
 MAX_REL_ERROR = 1e-5
-CACHE_HIT_TARGET = 2.0  # a miss (one new name) / a hit (16 cached names), medians
+CACHE_HIT_TARGET = 2.0  # a miss (one new name) / a hit (16 cached names), fastest runs
 # Gross regression: a hit as slow as a miss, i.e. the cache no longer skips the tower. The
-# ratio's spread is in docs/design.md ("Gates"); 1.0x sits far below it.
+# ratio's spread is in docs/design.md ("Gates"); 1.0x sits far below it. Fastest runs, not
+# medians: a hit's numpy matmuls share the cores with ONNX Runtime's spinning threads, and on
+# a loaded 2-core machine one median of 10 hits read 8x a miss (2026-12-06).
 CACHE_HIT_GATE = 1.0
 _fresh = itertools.count()  # names never seen before in this process
 
@@ -53,11 +55,11 @@ def test_text_side_equals_torch_on_the_bench_model(bench_bundle: BenchBundle, te
         pytest.skip("needs the bundle's checkpoint (--ckpt)")
     from partclipseg.checkpoint import load_model
     from partclipseg.model.deploy import vocab_arrays
-    from runtime.vocabulary import Vocabulary
+    from runtime.vocabulary import Vocabulary, split_class_name
 
     model, vocab, _ = load_model(bench_bundle.checkpoint)
     new = Vocabulary.from_names([(f"{o} toy", p) for o, p in
-                                 (n.split("'s ") for n in vocab.class_names[:20])])
+                                 (split_class_name(n) for n in vocab.class_names[:20])])
     worst = 0.0
     for v in (vocab, new):
         got, want = text_side.vocab_arrays(v), vocab_arrays(model, v)
@@ -129,23 +131,23 @@ def test_encode_cache_hit_is_cheap(benchmark: Any, text_side: Any,
     # separate blocks: right after a miss, ONNX Runtime's worker threads still spin-wait and
     # take both cores of a 2-core machine, which made an interleaved hit 10x slower.
     hit = []
-    for _ in range(10):
+    for _ in range(20):
         t = time.perf_counter()
         text_side.vocab_arrays(vocab)
         hit.append(time.perf_counter() - t)
     miss = []
-    for _ in range(5):
+    for _ in range(10):
         one = _vocab(_new_names(1))
         t = time.perf_counter()
         text_side.vocab_arrays(one)
         miss.append(time.perf_counter() - t)
-    targets.check(Target("text: one new name / 16 cached names (median times)",
-                         goal=CACHE_HIT_TARGET, measured=float(np.median(miss) / np.median(hit)),
+    targets.check(Target("text: one new name / 16 cached names (fastest runs)",
+                         goal=CACHE_HIT_TARGET, measured=float(np.min(miss) / np.min(hit)),
                          unit="x", speed=True, gate=CACHE_HIT_GATE),
                   detail=f"miss s {miss}, hit s {hit}")
 
 
 def _vocab(names: list[str]) -> Any:
-    from runtime.vocabulary import Vocabulary
+    from runtime.vocabulary import Vocabulary, split_class_name
 
-    return Vocabulary.from_names([tuple(n.split("'s ")) for n in names])
+    return Vocabulary.from_names([split_class_name(n) for n in names])

@@ -2,10 +2,10 @@
 
 The vocabulary enters as zero-padded slot arrays of fixed size (`max_parts` parts,
 `max_objects` objects + background, `max_classes` classes) plus validity masks
-(`runtime.bundle.pad_to_slots` fills them); invalid slots get -inf before every argmax, so
-they never win. One graph per batch size: nothing is left for Shape arithmetic on the host,
-so ONNX Runtime can capture the graph in a CUDA graph and TensorRT can build it with a static
-profile; a new vocabulary that fits changes slot contents, never shapes. The graphs return
+(`runtime.backends.slots.pad_to_slots` fills them from the graph contract, for every model);
+invalid slots get -inf before every argmax, so they never win. One graph per batch size:
+nothing is left for Shape arithmetic on the host, so ONNX Runtime can capture the graph in a
+CUDA graph and TensorRT can build it with a static profile; a new vocabulary that fits changes slot contents, never shapes. The graphs return
 Pred-All label maps at model resolution (the `--labels` graph's output).
 """
 
@@ -40,44 +40,44 @@ def export_fast_graphs(model: Any, stage: Path, arrays: dict[str, np.ndarray],
     import torch
 
     from partclipseg.model.deploy import DeployModel, example_inputs
+    from runtime.backends.slots import pad_to_slots
     from runtime.io import CLIP_MEAN, CLIP_STD
 
-    from .onnx import _finish_graph, _ort_run, _to_fp16, _trace
+    from .graph import ort_run, to_fp16, trace_deploy
 
-    info = spec.FastInfo(tuple(sorted(set(int(b) for b in batches))), max_parts, max_objects,
-                         max_classes)
-    if not info.batches or min(info.batches) < 1:
-        raise ValueError(f"--fast-batches must be positive, got {list(batches)}")
-    slots = spec.pad_to_slots(arrays, model.cfg.mode, info)  # raises when the vocabulary is larger
     deploy = DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True, slots=True).eval()
+    specs = {n: t for n, t in deploy.input_specs(image_dtype).items() if n != spec.IMAGE}
+    info = spec.FastInfo(tuple(sorted(set(int(b) for b in batches))), max_parts, max_objects,
+                         max_classes, masks=deploy.mask_specs())
+    if not info.batches or min(info.batches) < 1:
+        raise ValueError(f"--fast batch sizes must be positive, got {list(batches)}")
+    slots = pad_to_slots(arrays, specs, info)  # raises when the vocabulary is larger
     files: dict[str, str] = {}
     for b in info.batches:
         t = time.perf_counter()
         key, name = spec.graph_file("fp32", fast_batch=b)
         inputs = example_inputs(model.cfg.image_size, slots, batch=b, seed=0, dtype=image_dtype)
-        _trace(deploy, inputs, stage / name, opset, static=True)
-        graph = _finish_graph(stage / name)
+        graph = trace_deploy(deploy, inputs, stage / name, opset, image_dtype, static=True,
+                             log=log)
         files[key] = name
         if fp16:
             key16, name16 = spec.graph_file("fp16", fast_batch=b)
-            _to_fp16(graph, stage / name16)
+            to_fp16(graph, stage / name16)
             files[key16] = name16
         log(f"  {name}: static batch {b}, {max_parts} part / {max_objects} object / "
             f"{max_classes} class slots, {time.perf_counter() - t:.1f} s")
     # The fast graph's labels vs the exact label-map model on images the trace never saw.
     b = info.batches[0]
     check = example_inputs(model.cfg.image_size, slots, batch=b, seed=3, dtype=image_dtype)
-    got = _ort_run(stage / spec.graph_file("fp32", fast_batch=b)[1], check)[0]
+    got = ort_run(stage / spec.graph_file("fp32", fast_batch=b)[1], check)[0]
     exact = DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True).eval()
-    names = spec.inputs_for_mode(model.cfg.mode)
     with torch.no_grad():
         want = exact(torch.from_numpy(check[spec.IMAGE]),
-                     *(torch.from_numpy(arrays[n]) for n in names[1:]))[0].numpy()
+                     *(torch.from_numpy(arrays[n]) for n in specs))[0].numpy()
     agreement = float((got == want).mean())
     if agreement < MIN_AGREEMENT:
         raise ValueError(f"the fast graph's labels agree with the exact path on "
                          f"{100 * agreement:.3f}% of pixels (< {100 * MIN_AGREEMENT:.1f}%); "
                          "the bundle was not written")
     log(f"  fast graph vs exact label maps (FP32, batch {b}): {100 * agreement:.3f}% equal")
-    return spec.FastInfo(info.batches, max_parts, max_objects, max_classes,
-                         {"fp32": agreement}), files
+    return info.replace(agreement={"fp32": agreement}), files

@@ -16,7 +16,6 @@ import argparse
 import datetime as _dt
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,11 +23,12 @@ import numpy as np
 
 from runtime.errors import UserError, run_command
 
+from .graph import FP16_KEEP_FP32, ort_run, relative_error, to_fp16, trace_deploy
+
 __all__ = ["export_onnx", "ExportError", "parity", "build_parser", "main"]
 
 FP32_TOLERANCE = 1e-4  # relative L2 error of the logits, ONNX Runtime FP32 vs PyTorch
 FP16_TOLERANCE = 2e-2  # the same for the FP16 graph
-FP16_KEEP_FP32 = ["LayerNormalization"]
 
 
 class ExportError(UserError, RuntimeError):
@@ -41,106 +41,9 @@ def _log(msg: str) -> None:
 
 def parity(ours: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, float]:
     """Relative L2 error of each output and the argmax agreement of the first (logits)."""
-    rel = [float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b), 1e-12))
-           for a, b in zip(ours, ref)]
+    rel = [relative_error(a, b) for a, b in zip(ours, ref)]
     agree = float((ours[0].argmax(1) == ref[0].argmax(1)).mean())
     return {"rel_error": max(rel), "argmax_agreement": agree}
-
-
-def _trace(deploy: Any, inputs: dict[str, np.ndarray], path: Path, opset: int,
-           static: bool = False) -> None:
-    """Export `deploy` traced on `inputs`; static=True (fast slot graphs): no dynamic axes."""
-    import torch
-
-    from runtime import bundle as spec
-
-    mode = deploy.mode
-    names = spec.inputs_for_mode(mode) + (spec.slot_masks(mode) if deploy.slots else ())
-    outputs = spec.outputs_for_mode(mode, deploy.labels)
-    # A colour-blind model's object_film rows are body-plan words (+ background), not objects.
-    rows = "plans_bg" if mode == "colour_blind" else "objects_bg"
-    axis = {spec.PART_FILM[0]: "parts", spec.PART_FILM[1]: "parts",
-            spec.OBJECT_FILM[0]: rows, spec.OBJECT_FILM[1]: rows,
-            spec.COLOUR_FILM[0]: "colours", spec.COLOUR_FILM[1]: "colours"}
-    dynamic = {spec.IMAGE: {0: "batch"}}
-    dynamic.update({n: {0: axis.get(n, "classes")} for n in names[1:]})
-    if spec.OBJECT_WORDS in names:
-        dynamic[spec.OBJECT_WORDS] = {0: "objects", 1: "words"}
-    dynamic[spec.LOGITS] = {0: "batch", 1: "classes_bg"}
-    if spec.OBJECT_LOGITS in outputs:
-        dynamic[spec.OBJECT_LOGITS] = {0: "batch", 1: "objects_bg"}
-    if spec.LABELS in outputs:
-        dynamic = {k: v for k, v in dynamic.items() if k in names}
-        dynamic[spec.LABELS] = {0: "batch"}
-    if static:
-        dynamic = {}
-    args = tuple(torch.from_numpy(inputs[n]) for n in names)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic.
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic
-            torch.onnx.export(deploy, args, str(path), input_names=list(names),
-                              output_names=list(outputs), dynamic_axes=dynamic,
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def _input_specs(mode: str, size: int, dim: int, image_dtype: str) -> dict[str, Any]:
-    """{name: TensorSpec} of the graph inputs, symbolic dimensions as "B" (batch), "P" (parts),
-    "O+1" (objects + background), "K" (classes); colour-blind models: "Wp+1" (body-plan words +
-    background), "C" (colour words), ("O", "C+Wp") (the object-word matrix)."""
-    from runtime import bundle as spec
-
-    blind = mode == "colour_blind"
-    rows = {spec.PART_FILM: ("P", dim), spec.OBJECT_FILM: ("Wp+1" if blind else "O+1", dim),
-            spec.COLOUR_FILM: ("C", dim), (spec.OBJECT_WORDS,): ("O", "C+Wp"),
-            spec.CLASS_FILM: ("K", dim), spec.CLASS_INDEX: ("K",)}
-    specs = {spec.IMAGE: spec.TensorSpec(("B", size, size, 3), image_dtype)}
-    for names, shape in rows.items():
-        for n in names:
-            if n in spec.inputs_for_mode(mode):
-                specs[n] = spec.TensorSpec(shape, "int64" if names == spec.CLASS_INDEX
-                                           else "float32")
-    return specs
-
-
-def _finish_graph(path: Path) -> Any:
-    """onnx checker + onnxslim (constant folding, dead-node and shape-op cleanup), in place."""
-    import onnx
-    import onnxslim
-
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    before = len(model.graph.node)
-    model = onnxslim.slim(model)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    _log(f"  {path.name}: {before} -> {len(model.graph.node)} nodes after onnxslim")
-    return model
-
-
-def _to_fp16(model: Any, path: Path) -> None:
-    import onnx
-    import onnxslim
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    # keep_io_types: the bundle's inputs/outputs stay float32 for every precision.
-    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
-    fp16 = onnxslim.slim(fp16)  # the converter appends its Casts unsorted; slim re-sorts
-    onnx.checker.check_model(fp16)
-    onnx.save(fp16, str(path))
-
-
-def _ort_run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {i.name: inputs[i.name] for i in sess.get_inputs()})
 
 
 def _versions() -> dict[str, str]:
@@ -181,9 +84,10 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     from partclipseg.model.backbone import resize_pos_embed
     from runtime import bundle as spec
 
+    from partclipseg.model.deploy import DeployModel, deploy_mode, example_inputs, vocab_arrays
+
     from .bundle import staged_bundle, write_manifest, write_vocab
     from .text import write_text_side
-    from partclipseg.model.deploy import DeployModel, deploy_mode, example_inputs, vocab_arrays
 
     if opset < 17:
         raise ValueError(f"opset {opset} < 17: LayerNormalization (kept in FP32 in the FP16 "
@@ -202,9 +106,6 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             pos = resize_pos_embed(model.vit.positional_embedding.detach(), model.cfg.grid_size)
         model.vit.positional_embedding = torch.nn.Parameter(pos, requires_grad=False)
     size, mode = model.cfg.image_size, deploy_mode(model.cfg)
-    if fast and mode == "colour_blind":
-        raise ValueError("fast slot graphs (--fast) are not built for colour-blind models; "
-                         "export without --fast (the other graphs serve every backend)")
     arrays = vocab_arrays(model, vocab)
     _log(f"{ckpt} -> {out}: {mode}, {vocab.num_classes} classes, input {size}x{size} {image_dtype}")
 
@@ -213,7 +114,9 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         write_vocab(stage, arrays, spec.VOCAB_FILE)
         trace_in = example_inputs(size, arrays, batch=1, seed=0, dtype=image_dtype)
         check_in = example_inputs(size, arrays, batch=check_batch, seed=1, dtype=image_dtype)
-        names = spec.inputs_for_mode(mode)
+        logits_graph = DeployModel(model, CLIP_MEAN, CLIP_STD).eval()
+        inputs = logits_graph.input_specs(image_dtype)  # the graph contract (runtime.bundle)
+        names = list(inputs)
         files = {"vocab": spec.VOCAB_FILE}
         # The text side: new class names at run time, without torch (runtime.text).
         text_info, text_files = write_text_side(model, stage, opset)
@@ -226,12 +129,12 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                 spec.graph_file(p, is_labels) for p in ("fp32", "fp16"))
             graph_model = DeployModel(model, CLIP_MEAN, CLIP_STD, labels=is_labels).eval()
             t = time.perf_counter()
-            _trace(graph_model, trace_in, stage / fp32_name, opset)
+            graph = trace_deploy(graph_model, trace_in, stage / fp32_name, opset, image_dtype,
+                                 log=_log)
             _log(f"  {fp32_name}: traced in {time.perf_counter() - t:.1f} s")
-            graph = _finish_graph(stage / fp32_name)
             files[fp32_key] = fp32_name
             if fp16:
-                _to_fp16(graph, stage / fp16_name)
+                to_fp16(graph, stage / fp16_name)
                 files[fp16_key] = fp16_name
             # Parity on images the trace never saw.
             with torch.no_grad():
@@ -241,7 +144,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             if fp16:
                 checks.append(("fp16", fp16_name, fp16_tolerance))
             for precision, name, tol in checks:
-                got = _ort_run(stage / name, check_in)
+                got = ort_run(stage / name, check_in)
                 if is_labels:  # label maps: agreement, against 1 - tolerance * 10
                     agree = float(np.mean(got[0] == ref[0]))
                     p = {"label_agreement": agree, "tolerance": 1 - 10 * tol}
@@ -265,14 +168,13 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                 model, stage, arrays, fast, **{**DEFAULT_SLOTS, **(slots or {})}, opset=opset,
                 fp16=fp16, image_dtype=image_dtype, log=_log)
             files.update(fast_files)
-        outputs = {n: spec.TensorSpec(("B", "K+1" if n == spec.LOGITS else "O+1", size, size),
-                                      "float32") for n in spec.outputs_for_mode(mode)}
+        outputs = dict(logits_graph.output_specs())
         if labels:
-            outputs[spec.LABELS] = spec.TensorSpec(("B", size, size), "int32")
+            outputs.update(DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True).output_specs())
         manifest = spec.Manifest(
             mode=mode, input_size=size, vocabulary=vocab, files={}, image_dtype=image_dtype,
             mean=CLIP_MEAN, std=CLIP_STD,
-            inputs=_input_specs(mode, size, model.cfg.reduce_dim, image_dtype), outputs=outputs,
+            inputs=inputs, outputs=outputs,
             model_config=model.cfg.to_dict(),
             checkpoint=spec.CheckpointRef(str(ckpt.absolute()), file_sha256(ckpt)),
             onnx=spec.OnnxInfo(opset, tuple(FP16_KEEP_FP32), parities),

@@ -99,18 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
 
     def body() -> int:
-        from runtime import Segmenter
-
         from partclipseg.model.deploy import example_inputs
-
-        from runtime.bundle import graph_file, pad_to_slots
+        from runtime import Segmenter
+        from runtime.backends.slots import pad_to_slots
+        from runtime.bundle import graph_file
 
         seg = Segmenter.load(a.bundle, backend="onnxruntime", device="cpu")
         key, _ = graph_file(a.precision, a.labels, fast_batch=a.fast)
         path = seg.manifest.file(key)
         vocab = seg.feed()
         if a.fast:
-            vocab = pad_to_slots(vocab, seg.mode, seg.manifest.fast)
+            vocab = pad_to_slots(vocab, seg.manifest.vocab_inputs, seg.manifest.fast)
         feed = example_inputs(seg.input_size, vocab, batch=a.fast or a.batch)
         print(json.dumps({**placement(path, feed, a.device), **structure(path)}, indent=2))
         return 0

@@ -1,6 +1,7 @@
 """`python -m export.report --bundle B --data DIR`: deployed accuracy and latency of a bundle.
 
-Every backend that can run here (PyTorch FP32 reference, ONNX Runtime FP32 / FP16, TensorRT)
+Every backend that can run here (PyTorch FP32 reference, ONNX Runtime FP32 / FP16, TensorRT,
+and the bundle's fast slot graphs when it has them, Pred-All)
 is evaluated through `runtime.Segmenter` with the evaluation protocol (seen / unseen / h-IoU),
 compared with the PyTorch FP32 reference (delta mIoU, pixel agreement), and timed end to end
 (uint8 image in, label map out; batch 1, median after warm-up). Latency here is indicative:
@@ -27,6 +28,7 @@ __all__ = ["deployment_report", "format_report", "build_parser", "main"]
 CANDIDATES = (("torch", "cpu", "fp32"), ("onnxruntime", "cpu", "fp32"),
               ("onnxruntime", "cpu", "fp16"), ("onnxruntime", "cuda", "fp16"),
               ("tensorrt", "cuda", "fp16"))
+EXACT = "onnxruntime:cpu:fp32"  # the fast slot graphs' labels are compared with this row's
 
 
 def _latency_ms(seg: Any, image: np.ndarray, runs: int, warmup: int = 3) -> float:
@@ -44,18 +46,25 @@ def deployment_report(bundle: str | Path, data: str | Path, kind: str = "synthpa
                       split: str = "val", setting: str = "pred-all", limit: int | None = 100,
                       latency_runs: int = 20, checkpoint: str | Path | None = None,
                       progress: bool = True) -> list[dict[str, Any]]:
-    """One row per backend that loads here; the first row is the PyTorch FP32 reference."""
+    """One row per backend that loads here; the first row is the PyTorch FP32 reference. A
+    bundle with fast slot graphs (Pred-All only) adds their row, with `vs_exact`: the share of
+    its labels equal to the exact ONNX Runtime FP32 path's."""
     from partclipseg.evaluation.evaluate import eval_dataset, evaluate_segmenter
     from runtime import Segmenter
+    from runtime.bundle import read_manifest
 
     dataset = eval_dataset(kind, str(data), split, setting)
     image = dataset[0]["image"]
     rows: list[dict[str, Any]] = []
     ref_labels = None
-    for backend, device, precision in CANDIDATES:
+    exact_labels = None
+    candidates = [(b, d, p, False) for b, d, p in CANDIDATES]
+    if read_manifest(bundle).fast is not None and setting == "pred-all":
+        candidates.insert(3, ("onnxruntime", "cpu", "fp32", True))
+    for backend, device, precision, fast in candidates:
         try:
             seg = Segmenter.load(bundle, backend=backend, device=device, precision=precision,
-                                 checkpoint=checkpoint)
+                                 checkpoint=checkpoint, fast_labels=fast)
         except (ImportError, RuntimeError, ValueError) as e:
             if backend == "torch":
                 raise
@@ -65,9 +74,15 @@ def deployment_report(bundle: str | Path, data: str | Path, kind: str = "synthpa
         m = evaluate_segmenter(seg, dataset, setting, limit=limit, progress=progress,
                                keep_labels=True)
         labels = m.pop("labels")
-        row = {"backend": seg.backend_name, "seen": m["miou_seen"], "unseen": m["miou_unseen"],
+        row = {"backend": seg.backend_name + (" fast slots" if fast else ""),
+               "seen": m["miou_seen"], "unseen": m["miou_unseen"],
                "h": m["h_iou"], "samples": m["samples"],
                "latency_ms": _latency_ms(seg, image, latency_runs)}
+        if seg.backend_name == EXACT and not fast:
+            exact_labels = labels
+        if fast and exact_labels is not None:
+            row["vs_exact"] = float(np.mean([np.mean(a == b)
+                                             for a, b in zip(labels, exact_labels)]))
         if ref_labels is None:
             ref_labels, ref = labels, row
         else:
@@ -94,6 +109,8 @@ def format_report(rows: list[dict[str, Any]], setting: str) -> str:
         d = "reference" if ref else f"{r['d_miou_seen']:+.2f} / {r['d_miou_unseen']:+.2f}"
         agree = "-" if ref else f"{100 * r['pixel_agreement']:.2f}%"
         speed = "1.00x" if ref else f"{r['speedup']:.2f}x"
+        if "vs_exact" in r:
+            agree += f" ({100 * r['vs_exact']:.3f}% = exact path)"
         lines.append(f"| {r['backend']} | {r['seen']:.2f} | {r['unseen']:.2f} | {r['h']:.2f} "
                      f"| {d} | {agree} | {r['latency_ms']:.1f} | {speed} |")
     return "\n".join(lines)

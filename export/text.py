@@ -12,16 +12,13 @@ and checks the ONNX tower against PyTorch on the model's own vocabulary.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from runtime import bundle as spec
 from runtime.text import CLIP_SPLIT_PATTERN, END_OF_TEXT, START_OF_TEXT
 
-__all__ = ["clip_tokenizer", "text_head_arrays", "write_text_side", "TEXT_TOLERANCE"]
+__all__ = ["clip_tokenizer", "write_text_side", "TEXT_TOLERANCE"]
 
 TEXT_TOLERANCE = 1e-4  # relative L2 error of the ONNX text features vs PyTorch (FP32)
 
@@ -49,35 +46,6 @@ def clip_tokenizer() -> Any:
     return tok
 
 
-def text_head_arrays(model: Any) -> dict[str, np.ndarray]:
-    """The text-only layers of `model` as float32 arrays (`runtime.text.HEAD_ARRAYS`)."""
-    f = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    arrays = {"film_mul_w": f(model.film.mul.weight), "film_mul_b": f(model.film.mul.bias),
-              "film_add_w": f(model.film.add.weight), "film_add_b": f(model.film.add.bias),
-              "background": f(model.background)}
-    if model.cfg.mode == "partclipseg":
-        arrays.update(
-            embed_mix_w=f(model.embed_mix.weight), embed_mix_b=f(model.embed_mix.bias),
-            film2_mul_w=f(model.film2.mul.weight), film2_mul_b=f(model.film2.mul.bias),
-            film2_add_w=f(model.film2.add.weight), film2_add_b=f(model.film2.add.bias))
-    return arrays
-
-
-def _export_tower(model: Any, path: Path, opset: int) -> None:
-    import torch
-
-    length = model.text.context_length
-    tokens = torch.zeros(2, length, dtype=torch.long)  # <start_of_text> <end_of_text>, padded
-    tokens[:, 0], tokens[:, 1] = 49406, 49407  # (trace input only: values do not shape the graph)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.text.eval(), (tokens,), str(path), input_names=[spec.TOKENS],
-                          output_names=[spec.TEXT_FEATURES],
-                          dynamic_axes={spec.TOKENS: {0: "names"},
-                                        spec.TEXT_FEATURES: {0: "names"}},
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
-
-
 def write_text_side(model: Any, stage: Path, opset: int = 17) -> tuple[spec.TextInfo,
                                                                     dict[str, str]]:
     """Write the three text files into `stage`; returns the manifest's TextInfo and the
@@ -85,24 +53,29 @@ def write_text_side(model: Any, stage: Path, opset: int = 17) -> tuple[spec.Text
     PyTorch beyond TEXT_TOLERANCE on the model's own names."""
     import torch
 
+    from partclipseg.model.deploy import text_head_arrays
     from runtime.text import TextEncoder
 
     from .bundle import write_vocab
-    from .onnx import _ort_run
+    from .graph import ort_run, relative_error, trace
 
     stage = Path(stage)
     clip_tokenizer().save(str(stage / spec.TOKENIZER_FILE))
-    _export_tower(model, stage / spec.TEXT_ONNX_FILE, opset)
+    tokens = torch.zeros((2, model.text.context_length), dtype=torch.int64)
+    tokens[:, 0], tokens[:, 1] = 49406, 49407  # <start_of_text> <end_of_text>, padded
+    trace(model.text.eval(), (tokens,), stage / spec.TEXT_ONNX_FILE, [spec.TOKENS],
+          [spec.TEXT_FEATURES], {spec.TOKENS: {0: "names"}, spec.TEXT_FEATURES: {0: "names"}},
+          opset)
     write_vocab(stage, text_head_arrays(model), spec.TEXT_HEAD_FILE)
     # Parity on names the trace never saw: tokens from the runtime's own tokenizer.
     names = ["dog's head", "car", "wheel", "a very long name " * 8, "Ünïcödé  Name!"]
     encoder = TextEncoder(stage / spec.TOKENIZER_FILE, stage / spec.TEXT_ONNX_FILE,
                           model.text.context_length, threads=None)
     tokens = encoder.tokenize(names)
-    got = _ort_run(stage / spec.TEXT_ONNX_FILE, {spec.TOKENS: tokens})[0]
+    got = ort_run(stage / spec.TEXT_ONNX_FILE, {spec.TOKENS: tokens})[0]
     with torch.no_grad():
         ref = model.text(torch.from_numpy(tokens)).float().numpy()
-    err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+    err = relative_error(got, ref)
     if not err <= TEXT_TOLERANCE:
         raise ValueError(f"the ONNX text tower disagrees with PyTorch (relative error {err:.2e}, "
                          f"tolerance {TEXT_TOLERANCE:.0e}); the bundle was not written")

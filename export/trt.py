@@ -24,7 +24,6 @@ from runtime import bundle as spec
 from runtime.bundle import Manifest
 from runtime.errors import UserError, run_command
 from runtime.io import atomic_write
-from runtime.vocabulary import ObjectWords
 
 __all__ = ["build_engine", "engine_bytes", "profile_shapes", "static_shapes", "EngineBuildError",
            "build_parser", "main"]
@@ -40,39 +39,28 @@ def _log(msg: str) -> None:
 
 def profile_shapes(manifest: Manifest, min_batch: int, opt_batch: int, max_batch: int,
                    max_classes: int) -> dict[str, list[list[int]]]:
-    """{input: [min, opt, max] shapes}: batch over [min, max]; each class dimension over
-    [1, max_classes] (objects + background over [2, max_classes + 1]), optimal at the bundle's
-    own vocabulary."""
+    """{input: [min, opt, max] shapes} from the graph contract: "B" over [min, max] batch; each
+    vocabulary axis over [1, max_classes] rows (+ 1 with the background row), optimal at the
+    bundle's own vocabulary."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min-batch ({min_batch}) <= opt-batch ({opt_batch}) <= "
                          f"max-batch ({max_batch})")
-    vocab = manifest.vocabulary
-    clipseg = manifest.mode == "clipseg"
-    n = {"P": len(vocab.parts), "O+1": (vocab.num_classes if clipseg else len(vocab.objects)) + 1,
-         "K": vocab.num_classes, "O": len(vocab.objects)}
-    if manifest.mode == "colour_blind":  # word rows (`runtime.bundle`)
-        words = ObjectWords.split(vocab.objects)
-        n.update({"C": len(words.colours), "Wp+1": len(words.plans) + 1,
-                  "C+Wp": len(words.words)})
-    if max(n["P"], n["K"], n["O+1"] - 1) > max_classes:
+    sizes = spec.axis_sizes(manifest.vocabulary)
+    if max(sizes.values()) > max_classes:
         raise ValueError(f"--max-classes {max_classes} is below the bundle's own vocabulary "
-                         f"({n['K']} classes, {n['P']} parts, {n['O+1'] - 1} objects)")
-
-    def dim(d: int | str) -> list[int]:  # [min, opt, max] of one dimension
-        if isinstance(d, int):
-            return [d] * 3
-        if d == "C+Wp":  # two words per object
-            return [2, n[d], 2 * max_classes]
-        bg = int(d.endswith("+1"))  # rows + background: at least 2
-        return [1 + bg, n[d], max_classes + bg]
-
+                         f"({sizes['class']} classes, {sizes['part']} parts, "
+                         f"{sizes['object']} objects)")
     shapes = {}
-    for name, info in manifest.inputs.items():
-        if name == spec.IMAGE:
-            rest = [int(d) for d in info.shape[1:]]
-            shapes[name] = [[b] + rest for b in (min_batch, opt_batch, max_batch)]
-            continue
-        ranges = [dim(d) for d in info.shape]
+    for name, t in manifest.inputs.items():
+        ranges = []
+        for d, size in enumerate(t.shape):
+            if d == t.row_dim:
+                bg = int(t.background)
+                ranges.append([1 + bg, sizes[t.rows] + bg, max_classes + bg])
+            elif size == "B":
+                ranges.append([min_batch, opt_batch, max_batch])
+            else:
+                ranges.append([int(size)] * 3)
         shapes[name] = [[r[i] for r in ranges] for i in range(3)]
     return shapes
 

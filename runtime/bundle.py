@@ -10,25 +10,22 @@ A bundle folder holds
 
 Engine tensor names are defined here, once, and used by export.
 
-Graph inputs (D = decoder width, S = input size; P parts, O objects, K classes):
+The graph contract: the manifest describes every graph input and output once (`TensorSpec`):
+its shape in symbols, its dtype, and the vocabulary axis its rows run over ("part", "object",
+"class"; `rows`), with a background row last (`background`), or the axis its integer values
+index (`indexes`). Export writes that description from the model's export wrapper
+(`partclipseg.model.deploy.DeployModel`); the runtime's feeds, chunking and slot padding, the
+TensorRT profiles and export's dynamic axes all read it, so no code outside the model knows a
+model kind's inputs. Symbols: "B" batch; "P", "O", "K" the vocabulary's parts, objects and
+classes; "+1" a background row. For example (D = decoder width, S = input size):
   image           (B, S, S, 3) uint8 RGB, already resized to S x S; normalization is in-graph
-  part_film_mul   (P, D) float32   stage-1 FiLM of the generalized parts      [partclipseg]
-  part_film_add   (P, D) float32
-  object_film_mul (O + 1, D) float32  stage-1 FiLM of the objects, background last
-  object_film_add (O + 1, D) float32  (clipseg mode: the K class names, background last)
-  class_film_mul  (K, D) float32   stage-2 FiLM' of the object-specific classes [partclipseg]
-  class_film_add  (K, D) float32
-  class_part      (K,) int64       part index of each class                    [partclipseg]
-  class_object    (K,) int64       object index of each class                  [partclipseg]
-A colour-blind model (mode "colour_blind": `ModelConfig.colour_blind`, SynthParts' recipe) has
-the partclipseg inputs with word rows for objects (C colour words, W_p body-plan words):
-  object_film_*   (W_p + 1, D)     the body-plan words, background last (read from the grey image)
-  colour_film_mul (C, D) float32   the colour words (read from the colour image)
-  colour_film_add (C, D) float32
-  object_words    (O, C + W_p) float32  1 where object o has word w (colours first)
-Graph outputs:
-  logits          (B, K + 1, S, S) float32  classes, background last
-  object_logits   (B, O + 1, S, S) float32  objects, background last           [partclipseg]
+  part_film_mul   (P, D) float32       rows: part      stage-1 FiLM of the generalized parts
+  object_film_mul (O+1, D) float32     rows: object + background
+  class_film_mul  (K, D) float32       rows: class     stage-2 FiLM' of the classes
+  class_part      (K,) int64           rows: class, indexes: part
+  logits          (B, K+1, S, S) float32   rows: class + background (after the batch)
+  object_logits   (B, O+1, S, S) float32   rows: object + background
+  labels          (B, S, S) int32      Pred-All label map, -1 = background (label-map graphs)
 
 Every file is listed in the manifest with its size and SHA-256, so a truncated or swapped file
 is named at load time instead of failing deep inside a backend.
@@ -46,19 +43,18 @@ import numpy as np
 
 from .errors import UserError
 from .io import CLIP_MEAN, CLIP_STD, file_sha256
-from .vocabulary import ObjectWords, Vocabulary
+from .vocabulary import Vocabulary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMING_CACHE",
            "TOKENIZER_FILE", "TEXT_ONNX_FILE", "TEXT_HEAD_FILE", "TOKENS", "TEXT_FEATURES",
-           "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "VOCAB_INPUTS", "PART_FILM",
-           "OBJECT_FILM", "CLASS_FILM", "CLASS_INDEX", "COLOUR_FILM", "OBJECT_WORDS",
-           "inputs_for_mode", "outputs_for_mode",
-           "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef", "OnnxInfo",
-           "EngineInfo", "TextInfo", "FastInfo", "Manifest", "slot_masks", "OBJECT_VALID",
-           "CLASS_VALID", "pad_to_slots", "read_manifest", "read_vocab"]
+           "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "PART_FILM", "OBJECT_FILM",
+           "CLASS_FILM", "CLASS_INDEX", "COLOUR_FILM", "OBJECT_VALID", "CLASS_VALID", "AXES",
+           "axis_sizes", "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef",
+           "OnnxInfo", "EngineInfo", "TextInfo", "FastInfo", "Manifest", "read_manifest",
+           "read_vocab"]
 
 FORMAT = "partclipseg-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph contract (TensorSpec rows / background / indexes)
 MANIFEST, VOCAB_FILE = "manifest.json", "vocab.npz"
 ENGINE, TIMING_CACHE = "model.engine", "timing.cache"
 TOKENIZER_FILE, TEXT_ONNX_FILE, TEXT_HEAD_FILE = "tokenizer.json", "text.onnx", "text_head.npz"
@@ -73,39 +69,19 @@ PART_FILM = ("part_film_mul", "part_film_add")
 OBJECT_FILM = ("object_film_mul", "object_film_add")
 CLASS_FILM = ("class_film_mul", "class_film_add")
 CLASS_INDEX = ("class_part", "class_object")
-VOCAB_INPUTS = PART_FILM + OBJECT_FILM + CLASS_FILM + CLASS_INDEX
-COLOUR_FILM = ("colour_film_mul", "colour_film_add")  # colour-blind models only
-OBJECT_WORDS = "object_words"
+COLOUR_FILM = ("colour_film_mul", "colour_film_add")  # colour-blind models: per-object rows
 # Fast (slot) graphs only: which vocabulary slots hold a class (the rest are zero padding).
 OBJECT_VALID, CLASS_VALID = "object_valid", "class_valid"
 
 MODES = ("partclipseg", "clipseg", "colour_blind")
 IMAGE_DTYPES = ("uint8", "float32")
 PRECISIONS = ("fp32", "fp16")
+AXES = {"part": "P", "object": "O", "class": "K"}  # vocabulary axis -> its shape symbol
 
 
-def inputs_for_mode(mode: str) -> tuple[str, ...]:
-    """Graph input names, in order, for a bundle mode ("partclipseg" | "clipseg" |
-    "colour_blind")."""
-    if mode == "clipseg":
-        return (IMAGE,) + OBJECT_FILM
-    if mode == "colour_blind":
-        return (IMAGE,) + PART_FILM + OBJECT_FILM + COLOUR_FILM + (OBJECT_WORDS,) + CLASS_FILM \
-            + CLASS_INDEX
-    return (IMAGE,) + VOCAB_INPUTS
-
-
-def slot_masks(mode: str) -> tuple[str, ...]:
-    """The validity-mask inputs a fast graph takes after the vocabulary arrays:
-    object_valid (O_max + 1,) bool (clipseg: over the K_max + 1 class rows) and, for
-    partclipseg, class_valid (K_max,) bool."""
-    return (OBJECT_VALID,) if mode == "clipseg" else (OBJECT_VALID, CLASS_VALID)
-
-
-def outputs_for_mode(mode: str, labels: bool = False) -> tuple[str, ...]:
-    if labels:
-        return (LABELS,)
-    return (LOGITS,) if mode == "clipseg" else (LOGITS, OBJECT_LOGITS)
+def axis_sizes(vocab: Vocabulary) -> dict[str, int]:
+    """Rows of each vocabulary axis for `vocab`: {"part": P, "object": O, "class": K}."""
+    return {"part": len(vocab.parts), "object": len(vocab.objects), "class": vocab.num_classes}
 
 
 def graph_file(precision: str, labels: bool = False, fast_batch: int | None = None
@@ -149,18 +125,57 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A graph input or output: shape with symbolic dimensions ("B" batch, "P" parts, "O+1"
-    objects + background, "K" classes, "K+1") and numpy dtype name."""
+    """A graph input or output: the one description every reader of a bundle's graphs uses.
+
+    shape: ints and symbols ("B" batch; "P", "O", "K" parts, objects, classes of the
+        vocabulary, "+1" with the background row): see `runtime.bundle`'s docstring.
+    dtype: numpy dtype name.
+    rows: the vocabulary axis ("part" | "object" | "class") one dimension runs over, or None.
+        That dimension (`row_dim`) holds one entry per row of the axis, in vocabulary order.
+    background: that dimension has one more entry, the background, last.
+    indexes: an integer tensor whose values are rows of this axis (class_part: "part").
+    """
 
     shape: tuple[int | str, ...]
     dtype: str
+    rows: str | None = None
+    background: bool = False
+    indexes: str | None = None
+
+    @classmethod
+    def over(cls, rows: str, rest: tuple[int | str, ...] = (), dtype: str = "float32",
+             background: bool = False, indexes: str | None = None, batch: bool = False
+             ) -> "TensorSpec":
+        """A tensor whose dimension `rows` (after "B" when `batch`) comes first, then `rest`."""
+        symbol = AXES[rows] + ("+1" if background else "")
+        return cls((("B",) if batch else ()) + (symbol,) + tuple(rest), dtype, rows, background,
+                   indexes)
+
+    @property
+    def row_dim(self) -> int | None:
+        """The index of the `rows` dimension in `shape` (None: no vocabulary axis)."""
+        if self.rows is None:
+            return None
+        return self.shape.index(AXES[self.rows] + ("+1" if self.background else ""))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype}
+        d: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.rows is not None:
+            d.update(rows=self.rows, background=self.background)
+        if self.indexes is not None:
+            d["indexes"] = self.indexes
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
-        return cls(tuple(d["shape"]), str(d["dtype"]))
+        t = cls(tuple(d["shape"]), str(d["dtype"]), d.get("rows"), bool(d.get("background")),
+                d.get("indexes"))
+        for axis in (t.rows, t.indexes):
+            if axis is not None and axis not in AXES:
+                raise ValueError(f"unknown vocabulary axis {axis!r} (known: {sorted(AXES)})")
+        if t.rows is not None and AXES[t.rows] + ("+1" if t.background else "") not in t.shape:
+            raise ValueError(f"shape {list(t.shape)} lacks the symbol of its rows {t.rows!r}")
+        return t
 
 
 @dataclass(frozen=True)
@@ -241,16 +256,29 @@ class FastInfo:
     max_objects: int
     max_classes: int
     agreement: Mapping[str, float] = field(default_factory=dict)  # vs the exact path, export
+    # The validity masks the graphs take after the vocabulary inputs: bool, one entry per slot
+    # of their `rows` axis (+ background), True where a slot holds a row.
+    masks: Mapping[str, TensorSpec] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> "FastInfo":
+        return dataclasses.replace(self, **changes)
+
+    def slots(self, axis: str) -> int:
+        """Slot count of a vocabulary axis."""
+        return {"part": self.max_parts, "object": self.max_objects,
+                "class": self.max_classes}[axis]
 
     def to_dict(self) -> dict[str, Any]:
         return {"batches": list(self.batches), "max_parts": self.max_parts,
                 "max_objects": self.max_objects, "max_classes": self.max_classes,
-                "agreement": dict(self.agreement)}
+                "agreement": dict(self.agreement),
+                "masks": {k: v.to_dict() for k, v in self.masks.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FastInfo":
         return cls(tuple(int(b) for b in d["batches"]), int(d["max_parts"]),
-                   int(d["max_objects"]), int(d["max_classes"]), dict(d.get("agreement", {})))
+                   int(d["max_objects"]), int(d["max_classes"]), dict(d.get("agreement", {})),
+                   {k: TensorSpec.from_dict(v) for k, v in (d.get("masks") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -282,9 +310,11 @@ class TextInfo:
 class Manifest:
     """manifest.json, typed. `to_dict`/`from_dict` are what export writes and the runtime reads.
 
-    mode: "partclipseg" | "clipseg" | "colour_blind" (`inputs_for_mode`); input_size: the
-    model's square input side S (pixels); image_dtype: "uint8" | "float32" (RGB 0-255 either
-    way; normalization with mean/std is in-graph); files: {key: FileEntry} with keys "vocab", `graph_file(...)[0]`, "engine", ...
+    mode: "partclipseg" | "clipseg" | "colour_blind": the model kind (the text side's recipe;
+    the graph's interface is `inputs` / `outputs`); input_size: the model's square input side
+    S (pixels); image_dtype: "uint8" | "float32" (RGB 0-255 either way; normalization with
+    mean/std is in-graph); inputs / outputs: the graph contract (`TensorSpec`), in graph order;
+    files: {key: FileEntry} with keys "vocab", `graph_file(...)[0]`, "engine", ...
     """
 
     mode: str
@@ -318,6 +348,11 @@ class Manifest:
     def model_name(self) -> str | None:
         return self.model_config.get("name")
 
+    @property
+    def vocab_inputs(self) -> dict[str, TensorSpec]:
+        """The graph inputs other than the image: the vocabulary arrays, in graph order."""
+        return {k: v for k, v in self.inputs.items() if k != IMAGE}
+
     def replace(self, **changes: Any) -> "Manifest":
         return dataclasses.replace(self, **changes)
 
@@ -330,6 +365,7 @@ class Manifest:
         d: dict[str, Any] = {
             "format": FORMAT, "format_version": self.format_version, "created": self.created,
             "mode": self.mode, "input_size": self.input_size, "image_dtype": self.image_dtype,
+            "axes": axis_sizes(self.vocabulary),  # each symbol's size at this vocabulary
             "mean": list(self.mean), "std": list(self.std),
             "vocabulary": self.vocabulary.to_dict(), "model_config": dict(self.model_config),
             "checkpoint": None if self.checkpoint is None else self.checkpoint.to_dict(),
@@ -357,6 +393,10 @@ class Manifest:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise BundleError(f"{where} has bundle format {version!r}; this runtime reads up to "
                               f"{FORMAT_VERSION}: upgrade partclipseg-deploy")
+        if version < FORMAT_VERSION:
+            raise BundleError(f"{where} has bundle format {version}, which predates the graph "
+                              f"contract of format {FORMAT_VERSION}: re-export it with "
+                              "python -m export.onnx")
 
         def opt(key: str, parse: Any) -> Any:
             return parse(raw[key]) if raw.get(key) else None
@@ -402,6 +442,8 @@ class Manifest:
                            f"image_dtype {self.image_dtype!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             bad.append("mean/std need 3 values")
+        if self.inputs and IMAGE not in self.inputs:
+            bad.append("inputs lack the image")
         if bad:
             raise BundleError(f"{self.path or 'manifest'} is inconsistent: " + "; ".join(bad) +
                               "; re-export the bundle")
@@ -457,49 +499,6 @@ def read_manifest(bundle: str | Path) -> Manifest:
     return Manifest.from_dict(raw, path)
 
 
-def pad_to_slots(arrays: Mapping[str, np.ndarray], mode: str, fast: FastInfo
-                 ) -> dict[str, np.ndarray]:
-    """A vocabulary's graph inputs (`read_vocab` layout) in the fast graphs' fixed slots:
-    rows zero-padded to max_parts / max_objects + 1 (background kept last) / max_classes,
-    padded class indices 0, plus the masks `slot_masks(mode)` that mark the real rows.
-    Raises BundleError naming the limit when the vocabulary does not fit."""
-    if mode == "colour_blind":
-        raise BundleError("fast slot graphs are not built for colour-blind models; run the "
-                          "other graphs")
-    obj = arrays[OBJECT_FILM[0]]
-    n_obj = obj.shape[0] - 1  # objects (clipseg: classes) before the background row
-    limits = {"objects": (n_obj, fast.max_classes if mode == "clipseg" else fast.max_objects)}
-    if mode != "clipseg":
-        limits["parts"] = (arrays[PART_FILM[0]].shape[0], fast.max_parts)
-        limits["classes"] = (arrays[CLASS_FILM[0]].shape[0], fast.max_classes)
-    over = {k: v for k, v in limits.items() if v[0] > v[1]}
-    if over:
-        raise BundleError("the vocabulary does not fit the fast graphs' slots ("
-                          + ", ".join(f"{n} {k} > {lim}" for k, (n, lim) in over.items())
-                          + "): re-export with larger --max-parts / --max-objects / "
-                          "--max-classes, or run the other graphs")
-    rows = limits["objects"][1] + 1
-
-    def pad(a: np.ndarray, n: int, keep_last: bool = False) -> np.ndarray:
-        out = np.zeros((n,) + a.shape[1:], a.dtype)
-        if keep_last:
-            out[:a.shape[0] - 1], out[-1] = a[:-1], a[-1]
-        else:
-            out[:a.shape[0]] = a
-        return out
-
-    valid = np.zeros(rows, bool)
-    valid[:n_obj], valid[-1] = True, True
-    out = {n: pad(arrays[n], rows, keep_last=True) for n in OBJECT_FILM}
-    out[OBJECT_VALID] = valid
-    if mode != "clipseg":
-        k = arrays[CLASS_FILM[0]].shape[0]
-        out.update({n: pad(arrays[n], fast.max_parts) for n in PART_FILM})
-        out.update({n: pad(arrays[n], fast.max_classes) for n in CLASS_FILM + CLASS_INDEX})
-        out[CLASS_VALID] = np.arange(fast.max_classes) < k
-    return out
-
-
 def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:
     """The precomputed text side (vocab.npz), checked against the manifest's vocabulary."""
     path = manifest.file("vocab")
@@ -509,35 +508,29 @@ def read_vocab(manifest: Manifest) -> dict[str, np.ndarray]:
     except Exception as e:  # zipfile/ValueError/OSError: all mean a damaged file
         raise BundleError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); rebuild it "
                           "with `python -m export.vocab` or re-export the bundle") from e
-    need = [n for n in inputs_for_mode(manifest.mode) if n != IMAGE]
-    missing = [n for n in need if n not in arrays]
+    sizes = axis_sizes(manifest.vocabulary)
+    specs = manifest.vocab_inputs
+    missing = [n for n in specs if n not in arrays]
     if missing:
         raise BundleError(f"{path} lacks arrays {missing}")
-    for n in need:
+    for n, t in specs.items():
         a = arrays[n]
-        if n in CLASS_INDEX:
-            ok = a.dtype.kind in "iu" and a.ndim == 1
+        if t.indexes is not None:
+            ok = (a.dtype.kind in "iu" and a.ndim == len(t.shape)
+                  and bool(((a >= 0) & (a < sizes[t.indexes])).all()))
+            what = f"integer index into the {sizes[t.indexes]} {t.indexes} rows"
         else:
-            ok = a.dtype.kind == "f" and a.ndim == 2 and bool(np.isfinite(a).all())
+            ok = (a.dtype.kind == "f" and a.ndim == len(t.shape)
+                  and bool(np.isfinite(a).all()))
+            what = "float array with finite values (NaN/Inf would give NaN logits)"
         if not ok:
             raise BundleError(f"{path}: array {n!r} ({a.dtype}, shape {a.shape}) is not a "
-                              + ("1-d integer index" if n in CLASS_INDEX else
-                                 "2-d array of finite floats (NaN/Inf would give NaN logits)")
-                              + "; rebuild it with `python -m export.vocab`")
-    v = manifest.vocabulary
-    k, o = v.num_classes, len(v.objects)
-    expect_obj = (k if manifest.mode == "clipseg" else o) + 1
-    if manifest.mode == "colour_blind":
-        words = ObjectWords.split(v.objects)
-        expect_obj = len(words.plans) + 1
-        if arrays[COLOUR_FILM[0]].shape[0] != len(words.colours) or \
-                arrays[OBJECT_WORDS].shape != (o, len(words.words)):
-            raise BundleError(f"{path} does not match the manifest's vocabulary ({o} objects, "
-                              f"{len(words.words)} words); rebuild it with "
+                              f"{len(t.shape)}-d {what}; rebuild it with "
                               "`python -m export.vocab`")
-    if arrays[OBJECT_FILM[0]].shape[0] != expect_obj or (
-            manifest.mode != "clipseg" and (arrays[CLASS_FILM[0]].shape[0] != k
-                                            or arrays[PART_FILM[0]].shape[0] != len(v.parts))):
-        raise BundleError(f"{path} does not match the manifest's vocabulary ({k} classes); "
-                          "rebuild it with `python -m export.vocab`")
+        want = tuple(sizes[t.rows] + t.background if d == t.row_dim else
+                     (s if isinstance(s, int) else None) for d, s in enumerate(t.shape))
+        if any(w is not None and w != g for w, g in zip(want, a.shape)):
+            raise BundleError(f"{path}: array {n!r} has shape {a.shape}, the manifest's "
+                              f"vocabulary ({sizes['class']} classes) needs {want}; rebuild it "
+                              "with `python -m export.vocab`")
     return arrays

@@ -14,21 +14,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from . import bundle as spec
-from .backends import Backend, BackendOptions, backend_class
-from .errors import DeviceError
+from .backends import Backend, BackendOptions, backend_class, open_backend, pick_backend
 from .postprocess import (BACKGROUND, oracle_obj, pred_all, resize_bilinear, resize_nearest,
                           sigmoid)
 from .preprocess import InputError, check_image, resize_image
+from .selection import ClassRequest, Selection, Selections
 from .text import TextSide
-from .vocabulary import Vocabulary, VocabularyError, class_name
+from .vocabulary import Vocabulary, VocabularyError
 
 __all__ = ["Segmenter", "Prediction"]
 
@@ -63,74 +62,8 @@ class Prediction:
         return {self.class_names[i]: int(c) for i, c in zip(ids, n)}
 
 
-@dataclass(frozen=True)
-class _Selection:
-    """A vocabulary and the graph inputs for it, split into chunks the backend accepts."""
-
-    vocab: Vocabulary
-    chunks: tuple[tuple[tuple[int, ...], tuple[int, ...], dict[str, np.ndarray]], ...]
-    # per chunk: (class indices in `vocab`, object indices in `vocab`, feed arrays)
-
-
-ClassRequest = Sequence["str | tuple[str, str]"]  # "object's part" names or (object, part)
-
-
-def _word_rows(a: dict[str, np.ndarray], objects: Sequence[int]) -> dict[str, np.ndarray]:
-    """A colour-blind bundle's word inputs for some of its objects (indices into the rows of
-    `a`'s object_words): the colour and body-plan word rows they use, and their matrix."""
-    matrix = a[spec.OBJECT_WORDS][list(objects)]
-    n_colour = a[spec.COLOUR_FILM[0]].shape[0]
-    used = np.flatnonzero(matrix.any(0))
-    colours, plans = used[used < n_colour], used[used >= n_colour] - n_colour
-    bg = a[spec.OBJECT_FILM[0]].shape[0] - 1
-    feed = {n: np.ascontiguousarray(a[n][colours]) for n in spec.COLOUR_FILM}
-    feed.update({n: np.ascontiguousarray(a[n][np.append(plans, bg)]) for n in spec.OBJECT_FILM})
-    feed[spec.OBJECT_WORDS] = np.ascontiguousarray(matrix[:, used])
-    return feed
-
-
-def _class_pairs(classes: ClassRequest) -> tuple[tuple[str, str], ...]:
-    """Checked (object, part) pairs of a class request; InputError / VocabularyError name the
-    first bad entry."""
-    if isinstance(classes, (str, bytes)):
-        raise InputError("classes must be a list of class names, not one string")
-    try:
-        items = list(classes)
-    except TypeError as e:
-        raise InputError(f"classes must be a list of class names, got {type(classes).__name__}"
-                         ) from e
-    if not items:
-        raise VocabularyError("classes is empty: name at least one class, or pass None for "
-                              "the default vocabulary")
-    pairs = []
-    for c in items:
-        if isinstance(c, str):
-            if not c.strip():
-                raise VocabularyError(f"class name {c!r} is empty or whitespace only")
-            if "'s " not in c:
-                raise VocabularyError(f"{c!r} names no part: write \"object's part\" (e.g. "
-                                      "\"cup's handle\") or an (object, part) pair")
-            obj, part = c.rsplit("'s ", 1)
-        elif (isinstance(c, (tuple, list)) and len(c) == 2
-              and all(isinstance(x, str) for x in c)):
-            obj, part = c
-        else:
-            raise InputError(f"classes must be \"object's part\" strings or (object, part) "
-                             f"string pairs, got {type(c).__name__} {c!r}")
-        obj, part = " ".join(obj.split()), " ".join(part.split())
-        if not obj or not part:
-            raise VocabularyError(f"{c!r} has an empty object or part name")
-        pairs.append((obj, part))
-    if len(set(pairs)) != len(pairs):
-        dup = sorted({class_name(*q) for q in pairs if pairs.count(q) > 1})
-        raise VocabularyError(f"duplicate class names in classes: {dup}")
-    return tuple(pairs)
-
-
 class Segmenter:
     """A loaded bundle plus one backend. Thread-safe: share one across threads."""
-
-    SELECTION_CACHE = 32  # class subsets whose graph inputs are kept ready
 
     def __init__(self, manifest: spec.Manifest, arrays: dict[str, np.ndarray], backend: Backend,
                  max_classes: int | None = None, fast_labels: bool = False,
@@ -142,13 +75,14 @@ class Segmenter:
         self.precision = backend.precision
         self.max_classes = max_classes
         self.fast_labels = fast_labels
-        self._arrays = arrays
         self._image_dtype = np.dtype(manifest.image_dtype)
-        self._selections: OrderedDict[tuple[tuple[str, str], ...], _Selection] = OrderedDict()
-        self._default: _Selection | None = None  # the bundle's vocabulary, or set_vocabulary's
         self._text: TextSide | None = None
         self._threads = threads  # CPU threads of the text encoder too
         self._lock = threading.Lock()
+        self._selections = Selections(
+            manifest, arrays, max_classes, self._encode,
+            "label maps cannot be merged across chunks: load without fast_labels"
+            if fast_labels else None)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -178,15 +112,14 @@ class Segmenter:
         if precision not in (None, "fp16", "fp32"):
             raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
         if backend != "auto":
-            impl_class = backend_class(backend)  # unknown names fail before any file is read
+            backend_class(backend)  # unknown names fail before any file is read
         manifest = spec.read_manifest(bundle)
         arrays = spec.read_vocab(manifest)
         if backend == "auto":
-            backend, device = _pick_backend(manifest, device)
+            backend, device = pick_backend(manifest, device)
             log.info("runtime: backend=auto picked %s on %s", backend, device)
-            impl_class = backend_class(backend)
-        impl = impl_class.open(manifest, BackendOptions(device, precision, threads, fast_labels,
-                                                        checkpoint, slots))
+        impl = open_backend(backend, manifest, BackendOptions(
+            device, precision, threads, fast_labels, checkpoint, slots))
         limits = [n for n in (max_classes, impl.max_classes) if n]
         return cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels, threads)
 
@@ -199,13 +132,13 @@ class Segmenter:
                 f"{self.vocabulary.num_classes} classes, input {self.input_size})")
 
     # -- vocabulary -----------------------------------------------------------------------------
-    def feeds(self, classes: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+    def feeds(self, classes: ClassRequest | None = None) -> list[dict[str, np.ndarray]]:
         """The graph's vocabulary inputs for `classes` (default: the whole vocabulary), one dict
         per backend call: more than one when the vocabulary exceeds `max_classes`. Add
         `{"image": (B, S, S, 3) batch}` to one and it is a complete feed for `backend.run`."""
-        return [feed for _, _, feed in self._select(classes).chunks]
+        return [dict(c.feed) for c in self._selections.get(classes).chunks]
 
-    def feed(self, classes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def feed(self, classes: ClassRequest | None = None) -> dict[str, np.ndarray]:
         """`feeds(classes)` when it is one call (export checks, benchmarks, I/O binding)."""
         feeds = self.feeds(classes)
         if len(feeds) != 1:
@@ -216,7 +149,7 @@ class Segmenter:
     @property
     def vocabulary(self) -> Vocabulary:
         """The default vocabulary: the bundle's, or the last `set_vocabulary`'s."""
-        return self._select(None).vocab
+        return self._selections.get(None).vocab
 
     def set_vocabulary(self, classes: ClassRequest, unseen_objects: Sequence[str] = ()) -> None:
         """Make `classes` the default of later calls (`predict(frame)` without `classes`).
@@ -225,149 +158,52 @@ class Segmenter:
         cached). Thread-safe: a `predict` running meanwhile uses the old or the new vocabulary,
         whole. Errors leave the current default in place.
         """
-        sel = self._build_selection(_class_pairs(classes), tuple(unseen_objects))
-        with self._lock:
-            self._default = sel
+        self._selections.set_default(classes, unseen_objects)
 
-    def _select(self, classes: ClassRequest | None) -> _Selection:
-        if classes is None:
-            with self._lock:
-                sel = self._default
-            if sel is None:
-                sel = self._build_selection(None)
-                with self._lock:
-                    self._default = self._default or sel
-                    sel = self._default
-            return sel
-        key = _class_pairs(classes)
-        with self._lock:
-            sel = self._selections.get(key)
-            if sel is not None:
-                self._selections.move_to_end(key)
-                return sel
-        sel = self._build_selection(key)
-        with self._lock:
-            self._selections[key] = sel
-            while len(self._selections) > self.SELECTION_CACHE:  # apps that vary requests
-                self._selections.popitem(last=False)
-        return sel
-
-    def _text_side(self) -> TextSide:
+    def text_side(self) -> TextSide:
+        """The bundle's text side (opened on first use): new class names without torch."""
         with self._lock:
             if self._text is None:
                 self._text = TextSide.open(self.manifest, self._threads)
             return self._text
 
-    def _build_selection(self, pairs: tuple[tuple[str, str], ...] | None,
-                         unseen_objects: tuple[str, ...] = ()) -> _Selection:
-        """The selection for `pairs` (None: the bundle's vocabulary). Names the bundle has take
-        its precomputed rows; a request with any other name is encoded as a whole."""
-        full, arrays = self.manifest.vocabulary, self._arrays
-        if pairs is None:
-            vocab = full
-        else:
-            names = [class_name(o, p) for o, p in pairs]
-            known = set(full.class_names)
-            new = [n for n in names if n not in known]
-            if not new:
-                vocab = full.subset([full.index(n) for n in names])
-                if unseen_objects:
-                    vocab = Vocabulary.from_names(pairs, unseen_objects)
-            else:
-                if self.manifest.text is None:  # exported before the text side existed
-                    try:
-                        full.index(new[0])  # unknown: close matches suggested
-                    except VocabularyError as unknown:
-                        raise VocabularyError(
-                            f"{unknown}; {self.manifest.root} was exported without its text "
-                            "side, so it takes only the names it was exported with: re-export "
-                            "it with python -m export.onnx to use new class names") from None
-                text = self._text_side()
-                vocab = Vocabulary.from_names(pairs, unseen_objects)
-                full, arrays = vocab, text.vocab_arrays(vocab)
-        groups = self._chunk(vocab)
-        if self.fast_labels and len(groups) > 1:
-            raise VocabularyError(f"{vocab.num_classes} classes exceed max_classes "
-                                  f"{self.max_classes}, and label maps cannot be merged across "
-                                  "chunks: load without fast_labels")
-        chunks = []
-        for cls_idx, obj_idx in groups:
-            chunks.append((cls_idx, obj_idx,
-                           self._feed_arrays(full, arrays, vocab, cls_idx, obj_idx)))
-        return _Selection(vocab, tuple(chunks))
-
-    def _chunk(self, vocab: Vocabulary) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """Group classes by object so every chunk fits `max_classes` on each class dimension.
-
-        Conditions never interact in the decoder, so chunked results equal one big run.
-        """
-        limit = self.max_classes
-        if self.mode == "clipseg":
-            k = vocab.num_classes
-            step = limit or k
-            return [(tuple(range(s, min(k, s + step))), ()) for s in range(0, k, step)]
-        groups: list[tuple[list[int], list[int], set[int]]] = []
-        for o in range(len(vocab.objects)):
-            own = list(vocab.object_classes(o))
-            if not own:
-                continue
-            parts = {vocab.classes[k][1] for k in own}
-            if limit and len(own) > limit:
-                raise VocabularyError(f"object {vocab.objects[o]!r} has {len(own)} classes, more "
-                                      f"than the engine's profile maximum {limit}: rebuild with "
-                                      "python -m export.trt --max-classes N")
-            if groups:
-                c, ob, pa = groups[-1]
-                if not limit or (len(c) + len(own) <= limit and len(ob) + 1 <= limit
-                                 and len(pa | parts) <= limit):
-                    c.extend(own), ob.append(o), pa.update(parts)
-                    continue
-            groups.append((own, [o], set(parts)))
-        return [(tuple(c), tuple(ob)) for c, ob, _ in groups]
-
-    def _feed_arrays(self, full: Vocabulary, a: dict[str, np.ndarray], vocab: Vocabulary,
-                     cls_idx: Sequence[int], obj_idx: Sequence[int]) -> dict[str, np.ndarray]:
-        """Rows of `a` (the graph inputs of vocabulary `full`) for these classes of `vocab`."""
-        names = [vocab.class_names[k] for k in cls_idx]
-        rows = np.array([full.index(n) for n in names], np.int64)
-        bg = a[spec.OBJECT_FILM[0]].shape[0] - 1
-        if self.mode == "clipseg":
-            obj_rows = np.append(rows, bg)
-            return {n: np.ascontiguousarray(a[n][obj_rows]) for n in spec.OBJECT_FILM}
-        full_cls = [full.classes[r] for r in rows]
-        obj_full = sorted({o for o, _ in full_cls})
-        part_full = sorted({p for _, p in full_cls})
-        obj_rows = np.array(obj_full + [bg], np.int64)
-        part_rows = np.array(part_full, np.int64)
-        feed = {n: np.ascontiguousarray(a[n][part_rows]) for n in spec.PART_FILM}
-        if self.mode == "colour_blind":  # object rows are words: keep those of these objects
-            feed.update(_word_rows(a, obj_full))
-        else:
-            feed.update({n: np.ascontiguousarray(a[n][obj_rows]) for n in spec.OBJECT_FILM})
-        feed.update({n: np.ascontiguousarray(a[n][rows]) for n in spec.CLASS_FILM})
-        feed[spec.CLASS_INDEX[0]] = np.array([part_full.index(p) for _, p in full_cls], np.int64)
-        feed[spec.CLASS_INDEX[1]] = np.array([obj_full.index(o) for o, _ in full_cls], np.int64)
-        return feed
+    def _encode(self, vocab: Vocabulary) -> Mapping[str, np.ndarray]:
+        if self.manifest.text is None:  # exported before the text side existed
+            full = self.manifest.vocabulary
+            try:
+                for n in vocab.class_names:
+                    full.index(n)  # unknown: close matches suggested
+            except VocabularyError as unknown:
+                raise VocabularyError(
+                    f"{unknown}; {self.manifest.root} was exported without its text side, so it "
+                    "takes only the names it was exported with: re-export it with python -m "
+                    "export.onnx to use new class names") from None
+        return self.text_side().vocab_arrays(vocab)
 
     # -- inference ------------------------------------------------------------------------------
-    def _infer(self, batch: np.ndarray, sel: _Selection) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, S, S, 3) images -> logits (B, K + 1, S, S), object logits (B, O + 1, S, S)."""
-        vocab = sel.vocab
-        k, o = vocab.num_classes, len(vocab.objects)
-        b, s = batch.shape[0], self.input_size
+    def _infer(self, batch: np.ndarray, sel: Selection) -> dict[str, np.ndarray]:
+        """(B, S, S, 3) images -> the graph's outputs over the whole selection: chunked calls
+        merged along each output's vocabulary axis (the background, the same in every chunk,
+        last)."""
         if len(sel.chunks) == 1:
-            out = self.backend.run({spec.IMAGE: batch, **sel.chunks[0][2]})
-            return out[spec.LOGITS], out.get(spec.OBJECT_LOGITS)
-        logits = np.empty((b, k + 1, s, s), np.float32)
-        obj_logits = None if self.mode == "clipseg" else np.empty((b, o + 1, s, s), np.float32)
-        for cls_idx, obj_idx, feed in sel.chunks:
-            out = self.backend.run({spec.IMAGE: batch, **feed})
-            logits[:, list(cls_idx)] = out[spec.LOGITS][:, :-1]
-            logits[:, k] = out[spec.LOGITS][:, -1]  # background: the same in every chunk
-            if obj_logits is not None:
-                obj_logits[:, list(obj_idx)] = out[spec.OBJECT_LOGITS][:, :-1]
-                obj_logits[:, o] = out[spec.OBJECT_LOGITS][:, -1]
-        return logits, obj_logits
+            return self.backend.run({spec.IMAGE: batch, **sel.chunks[0].feed})
+        sizes = spec.axis_sizes(sel.vocab)
+        merged: dict[str, np.ndarray] = {}
+        for chunk in sel.chunks:
+            out = self.backend.run({spec.IMAGE: batch, **chunk.feed})
+            for name, t in self.manifest.outputs.items():
+                if name not in out or t.rows is None:
+                    continue
+                a = out[name]
+                if name not in merged:
+                    shape = list(a.shape)
+                    shape[1] = sizes[t.rows] + t.background
+                    merged[name] = np.empty(shape, a.dtype)
+                idx = list(chunk.rows[t.rows])
+                merged[name][:, idx] = a[:, :len(idx)]
+                if t.background:
+                    merged[name][:, -1] = a[:, -1]
+        return merged
 
     def predict(self, image: np.ndarray, classes: Sequence[str] | None = None,
                 object_mask: np.ndarray | None = None, object_class: str | int | None = None,
@@ -397,7 +233,7 @@ class Segmenter:
         if self.fast_labels and (object_mask is not None or want_scores):
             raise InputError("a fast_labels Segmenter gives Pred-All label maps only; load one "
                              "without fast_labels for Oracle-Obj or scores")
-        sel = self._select(classes)
+        sel = self._selections.get(classes)
         vocab = sel.vocab
         t0 = time.perf_counter()
         checked = [check_image(im, bgr) for im in images]
@@ -409,9 +245,10 @@ class Segmenter:
             batch = batch.astype(self._image_dtype)
         t1 = time.perf_counter()
         if self.fast_labels:
-            maps = self.backend.run({spec.IMAGE: batch, **sel.chunks[0][2]})[spec.LABELS]
+            maps = self.backend.run({spec.IMAGE: batch, **sel.chunks[0].feed})[spec.LABELS]
         else:
-            logits, obj_logits = self._infer(batch, sel)
+            out = self._infer(batch, sel)
+            logits, obj_logits = out[spec.LOGITS], out.get(spec.OBJECT_LOGITS)
         t2 = time.perf_counter()
         class_objects = np.asarray(vocab.class_objects)
         results = []
@@ -455,27 +292,3 @@ class Segmenter:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def _pick_backend(manifest: spec.Manifest, device: str | None) -> tuple[str, str]:
-    """The fastest backend that can run here: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU."""
-    if device != "cpu" and manifest.has("engine") and manifest.engine is not None:
-        try:
-            from .backends.tensorrt import current_gpu, engine_mismatch, import_tensorrt
-
-            trt, flavour = import_tensorrt(manifest.engine.flavour)
-            problem = engine_mismatch(manifest.engine, flavour, trt.__version__, current_gpu())
-            if problem is None:
-                return "tensorrt", "cuda"
-            log.info("runtime: not using the TensorRT engine: %s", problem)
-        except ImportError as e:
-            log.info("runtime: TensorRT unavailable (%s)", str(e).splitlines()[0])
-    if device != "cpu":
-        from .backends.onnxruntime import cuda_available
-
-        if cuda_available():
-            return "onnxruntime", "cuda"
-        if device == "cuda":
-            raise DeviceError("device='cuda' but neither a runnable TensorRT engine nor "
-                               "onnxruntime-gpu is available")
-    return "onnxruntime", "cpu"

@@ -81,6 +81,11 @@ class TextEncoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """Names whose features are cached."""
+        with self._lock:
+            return len(self._cache)
+
     def tokenize(self, names: Sequence[str]) -> np.ndarray:
         """(N, context_length) int64 token ids, exactly open_clip.tokenize's."""
         out = np.zeros((len(names), self.context_length), np.int64)
@@ -158,24 +163,29 @@ class TextSide:
             e = np.concatenate([self.encoder.encode(vocab.class_names), bg])
             mul, add = self._film(e, "film")
             return {spec.OBJECT_FILM[0]: mul, spec.OBJECT_FILM[1]: add}
-        p = len(vocab.parts)
-        words = ObjectWords.split(vocab.objects) if self.mode == "colour_blind" else None
-        rows = list(vocab.objects) if words is None else list(words.words)
-        e = self.encoder.encode(list(vocab.parts) + rows)
-        mul1, add1 = self._film(np.concatenate([e, bg]), "film")
-        e_obj, c, arrays = e[p:], 0, {}
-        if words is not None:  # an object's embedding is the mean of its words'
-            c, matrix = len(words.colours), np.asarray(words.matrix(), np.float32)
-            e_obj = matrix @ e_obj / 2
-            arrays = {spec.COLOUR_FILM[0]: mul1[p:p + c], spec.COLOUR_FILM[1]: add1[p:p + c],
-                      spec.OBJECT_WORDS: matrix}
+        p, arrays = len(vocab.parts), {}
+        if self.mode == "colour_blind":  # SynthParts' recipe: an object = colour + body plan
+            words = ObjectWords.split(vocab.objects)
+            e_words = self.encoder.encode(list(words.words))
+            c = len(words.colours)
+            colour = np.array([i for i, _ in words.of_object], np.int64)
+            plan = c + np.array([j for _, j in words.of_object], np.int64)
+            e_parts = self.encoder.encode(list(vocab.parts))
+            # Rows per object: its body-plan word (object FiLM) and its colour word.
+            mul1, add1 = self._film(np.concatenate([e_parts, e_words[plan], bg]), "film")
+            arrays.update(zip(spec.COLOUR_FILM, self._film(e_words[colour], "film")))
+            e_obj = (e_words[colour] + e_words[plan]) / 2  # an object's embedding: its words'
+        else:
+            e = self.encoder.encode(list(vocab.parts) + list(vocab.objects))
+            mul1, add1 = self._film(np.concatenate([e, bg]), "film")
+            e_parts, e_obj = e[:p], e[p:]
         class_part = np.asarray(vocab.class_parts, np.int64)
         class_object = np.asarray(vocab.class_objects, np.int64)
-        e_k = (np.concatenate([e_obj[class_object], e[class_part]], axis=1)
+        e_k = (np.concatenate([e_obj[class_object], e_parts[class_part]], axis=1)
                @ self.head["embed_mix_w"].T + self.head["embed_mix_b"])
         mul2, add2 = self._film(e_k, "film2")
         arrays.update({spec.PART_FILM[0]: mul1[:p], spec.PART_FILM[1]: add1[:p],
-                       spec.OBJECT_FILM[0]: mul1[p + c:], spec.OBJECT_FILM[1]: add1[p + c:],
+                       spec.OBJECT_FILM[0]: mul1[p:], spec.OBJECT_FILM[1]: add1[p:],
                        spec.CLASS_FILM[0]: mul2, spec.CLASS_FILM[1]: add2,
                        spec.CLASS_INDEX[0]: class_part, spec.CLASS_INDEX[1]: class_object})
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Sequence
 
 from .errors import UserError
 
-__all__ = ["Vocabulary", "VocabularyError", "ObjectWords", "class_name", "read_class_file"]
+__all__ = ["Vocabulary", "VocabularyError", "ObjectWords", "class_name", "split_class_name",
+           "read_class_file"]
 
 
 class VocabularyError(UserError, ValueError):
@@ -25,6 +26,23 @@ class VocabularyError(UserError, ValueError):
 def class_name(obj: str, part: str) -> str:
     """Display name of an object-specific class, in the OV-PARTS style ("dog's head")."""
     return f"{obj}'s {part}"
+
+
+def split_class_name(name: str) -> tuple[str, str]:
+    """"object's part" -> ("object", "part"): the one grammar of class names, shared by the
+    training data, class files and the runtime.
+
+    The name splits at its LAST "'s ": a part is a plain noun phrase, while an object may be
+    possessive itself, so "person's child's hand" is the part "hand" of the object
+    "person's child". Whitespace runs become one space. `class_name` is the inverse.
+    """
+    if not isinstance(name, str) or "'s " not in name:
+        raise VocabularyError(f"{name!r} names no part: write \"object's part\" (e.g. "
+                              "\"cup's handle\") or an (object, part) pair")
+    obj, part = (" ".join(x.split()) for x in name.rsplit("'s ", 1))
+    if not obj or not part:
+        raise VocabularyError(f"{name!r} has an empty object or part name")
+    return obj, part
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,11 @@ class Vocabulary:
         object.__setattr__(self, "unseen_objects", frozenset(self.unseen_objects))
         if not self.classes:
             raise VocabularyError("empty vocabulary: give at least one (object, part) class")
+        odd = [p for p in self.parts if isinstance(p, str) and "'s " in p]
+        if odd:  # "a's b's c" must name one class: see split_class_name
+            raise VocabularyError(f"part names cannot contain \"'s \" ({odd[:3]}): class names "
+                                  "split at their last \"'s \", so the possessive belongs to the "
+                                  "object name")
         for kind, names in (("object", self.objects), ("part", self.parts)):
             if len(set(names)) != len(names):
                 dup = sorted({n for n in names if names.count(n) > 1})
@@ -239,12 +262,11 @@ def read_class_file(path: str | Path) -> Vocabulary:
             mark = True
         else:
             mark = False
-        if "'s " not in line:
-            raise VocabularyError(f"{path}:{n}: {raw.strip()!r} is not \"object's part\"")
-        obj, part = (s.strip() for s in line.rsplit("'s ", 1))
-        if not obj or not part:
-            raise VocabularyError(f"{path}:{n}: empty object or part in {raw.strip()!r}")
-        pairs.append((obj, part))
+        try:
+            pairs.append(split_class_name(line))
+        except VocabularyError as e:
+            raise VocabularyError(f"{path}:{n}: {e}") from None
+        obj = pairs[-1][0]
         if mark:
             unseen.add(obj)
     if not pairs:

@@ -11,6 +11,11 @@
 Imports inside functions count as much as top-level ones, and relative imports are resolved to
 absolute module names. A subprocess test checks the import-time side as well: `import runtime`
 and its submodules load no torch, open_clip or partclipseg.
+
+Two rules hold for every package (`PACKAGES`):
+- no private name (`_x`) is imported from another module: what modules share is public;
+- no import cycle between its modules (a submodule importing its own parent package, as a
+  registry's modules do, is not an edge: the parent is initialized first).
 """
 
 from __future__ import annotations
@@ -90,6 +95,79 @@ def violations(package: str, root: Path = ROOT) -> list[str]:
                 if where not in bad or len(name) < len(bad[where]):
                     bad[where] = name  # `from a.b import c`: reported as a.b
     return [f"{file}:{line}: imports {name}" for (file, line), name in sorted(bad.items())]
+
+
+PACKAGES = ("runtime", "export", "partclipseg", "benchmarks")
+
+
+def _modules(package: str, root: Path = ROOT) -> dict[str, Path]:
+    return {module_name(p, root): p for p in sorted((root / package).rglob("*.py"))}
+
+
+def private_imports(package: str, root: Path = ROOT) -> list[str]:
+    """"file:line: X._name" for every `from X import _name` of another module."""
+    bad = []
+    for module, path in _modules(package, root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        bad.append(f"{path.relative_to(root).as_posix()}:{node.lineno}: "
+                                   f"{node.module or '.'}.{alias.name}")
+    return bad
+
+
+def import_cycles(package: str, root: Path = ROOT) -> list[list[str]]:
+    """Cycles of the graph module -> the package's modules it imports (at any depth)."""
+    mods = _modules(package, root)
+    graph: dict[str, set[str]] = {}
+    for module, path in mods.items():
+        edges = set()
+        for _, name in imports(path.read_text(), module, path.name == "__init__.py"):
+            while name and name not in mods:  # "pkg.mod.symbol" -> "pkg.mod"
+                name = name.rpartition(".")[0]
+            if name and name != module and not module.startswith(name + "."):
+                edges.add(name)
+        graph[module] = edges
+    cycles, state = [], {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    return cycles
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_private_name_crosses_a_module(package):
+    bad = private_imports(package)
+    assert not bad, "private names imported from another module:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle(package):
+    cycles = import_cycles(package)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_and_private_checks_catch_what_they_are_for(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("def f():\n    from . import leaf\n")
+    (pkg / "sub" / "leaf.py").write_text("from . import f\n")  # child -> parent: no edge
+    (pkg / "a.py").write_text("from .b import _helper\n")
+    (pkg / "b.py").write_text("def g():\n    from .a import thing\n")
+    assert import_cycles("pkg", tmp_path) == [["pkg.a", "pkg.b", "pkg.a"]]
+    assert private_imports("pkg", tmp_path) == ["pkg/a.py:1: b._helper"]
 
 
 @pytest.mark.parametrize("package", sorted(RULES))

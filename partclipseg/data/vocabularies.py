@@ -5,7 +5,8 @@ The class order is the order of the label values in the benchmarks' annotation P
 ``k`` of ``PASCAL_PART_116`` is pixel value ``k`` in ``annotations_detectron2_part``. The lists are
 copied verbatim from the public OV-PARTS release (OpenRobotLab/OV_PARTS, identical copies in
 kaist-cvml/part-clipseg); every list names its source file. Class names follow the OV-PARTS
-"object's part" style and are split on the first ``"'s "`` into (object, generalized part).
+"object's part" style and are split into (object, generalized part) by
+``runtime.vocabulary.split_class_name`` (at the last ``"'s "``: one grammar everywhere).
 
 Annotation conventions of the real data (read from the same repositories):
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from runtime.vocabulary import Vocabulary, VocabularyError
+from runtime.vocabulary import Vocabulary, VocabularyError, split_class_name
 
 __all__ = [
     "PASCAL_PART_116",
@@ -56,14 +57,6 @@ __all__ = [
     "partimagenet_vocabulary",
     "get_vocabulary",
 ]
-
-
-def split_class_name(name: str) -> tuple[str, str]:
-    """Split an OV-PARTS class name "object's part" into ("object", "part")."""
-    if "'s " not in name:
-        raise VocabularyError(f"class name {name!r} is not of the form \"object's part\"")
-    obj, part = name.split("'s ", 1)
-    return obj.strip(), part.strip()
 
 
 def vocabulary_from_class_names(

@@ -2,11 +2,20 @@
 
 uint8 images + precomputed vocabulary vectors -> logits, or -> Pred-All label maps.
 
-`DeployModel` wraps a trained `PartCLIPSeg` with the tensor interface of `runtime.bundle`
-(names, order, shapes): the text tower, FiLM/FiLM' vectors and We [e_o ; e_p] are computed once
-by `vocab_arrays` and enter the graph as inputs, so the vocabulary can change without a
-rebuild. Normalization is inside the graph; every class-dependent size (P, O, K) is read from
-the input tensors, so it stays dynamic in the exported graph.
+`DeployModel` wraps a trained `PartCLIPSeg` and declares its tensor interface once
+(`input_specs`, `output_specs`, `mask_specs`: names, order, shapes and the vocabulary axis of
+each, `runtime.bundle.TensorSpec`); export writes that description into the manifest and every
+reader of the bundle follows it. The text tower, FiLM/FiLM' vectors and We [e_o ; e_p] are
+computed once by `vocab_arrays` and enter the graph as inputs, so the vocabulary can change
+without a rebuild. Normalization is inside the graph; every class-dependent size (P, O, K) is
+read from the input tensors, so it stays dynamic in the exported graph.
+
+Model kinds and their vocabulary inputs (all on the part, object and class axes):
+  partclipseg   part FiLM (P), object FiLM (O + 1), class FiLM' (K), class_part, class_object
+  clipseg       class FiLM (K + 1): one stage-1 condition per object-specific class
+  colour_blind  as partclipseg, plus colour FiLM (O): SynthParts' recipe (an object is a colour
+                word + a body-plan word) stays inside: object FiLM rows are each object's
+                body-plan word, colour rows its colour word, and the graph sums their logits
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from .partclipseg import Conditioning, PartCLIPSeg
 from runtime import bundle as spec
 from runtime.vocabulary import Vocabulary
 
-__all__ = ["DeployModel", "vocab_arrays", "example_inputs", "deploy_mode", "CLASS_CHUNK"]
+__all__ = ["DeployModel", "vocab_arrays", "text_head_arrays", "example_inputs", "deploy_mode",
+           "CLASS_CHUNK"]
 
 # Fast graphs: stage-2 classes per chunk of the fused tail (peak class maps: B x 16 x S x S).
 CLASS_CHUNK = 16
@@ -35,7 +45,7 @@ def deploy_mode(cfg: Any) -> str:
 class DeployModel(nn.Module):
     """Image side of a PartCLIPSeg (or CLIPSeg baseline) with the bundle's tensor interface.
 
-    forward(image, *vocab inputs in `runtime.bundle.inputs_for_mode(mode)` order):
+    forward(image, *vocab inputs in `input_specs()` order, *masks in `mask_specs()` order):
       image: (B, S, S, 3) uint8 or float32, RGB, 0-255, already resized to S x S.
     Returns `logits` (B, K + 1, S, S) and, for partclipseg, `object_logits` (B, O + 1, S, S);
     float32 logits (sigmoid gives probabilities), background last.
@@ -43,10 +53,10 @@ class DeployModel(nn.Module):
     resolution (-1 = background), so a GPU never copies the per-class maps back to the host.
 
     With `slots=True` (label maps only) the vocabulary comes as fixed-size slot arrays plus
-    validity masks, the last inputs (`runtime.bundle.SLOT_MASKS`): `object_valid` (O_max + 1,)
-    bool over the object rows (background last, always valid; clipseg: the class rows) and
-    `class_valid` (K_max,) bool (partclipseg). Invalid slots get -inf before every argmax, so
-    a padded slot never wins; exported with every dimension static (the fast graph).
+    validity masks, the last inputs (`mask_specs`): `object_valid` (O_max + 1,) bool over the
+    object rows (background last, always valid; clipseg: the class rows) and `class_valid`
+    (K_max,) bool (stage-2 models). Invalid slots get -inf before every argmax, so a padded
+    slot never wins; exported with every dimension static (the fast graph).
     """
 
     def __init__(self, model: PartCLIPSeg, mean: tuple[float, ...], std: tuple[float, ...],
@@ -56,14 +66,50 @@ class DeployModel(nn.Module):
             raise ValueError("slot graphs give label maps: use labels=True with slots=True")
         self.model = model.eval()
         self.mode = deploy_mode(model.cfg)
-        if slots and self.mode == "colour_blind":
-            raise ValueError("fast slot graphs are not built for colour-blind models")
         self.labels = labels
         self.slots = slots
         # Folded into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
         std_t = torch.tensor(std, dtype=torch.float32)
         self.register_buffer("scale", 1.0 / (255.0 * std_t))
         self.register_buffer("shift", -torch.tensor(mean) / std_t)
+
+    # -- the interface: what export writes into the manifest ----------------------------------
+    def input_specs(self, image_dtype: str = "uint8") -> dict[str, spec.TensorSpec]:
+        """{name: TensorSpec} of the graph inputs, in forward order (masks not included)."""
+        size, d = self.model.cfg.image_size, self.model.cfg.reduce_dim
+        film = lambda rows, bg=False: spec.TensorSpec.over(rows, (d,), background=bg)  # noqa
+        specs = {spec.IMAGE: spec.TensorSpec(("B", size, size, 3), image_dtype)}
+        if self.mode == "clipseg":  # one stage-1 condition per class, background last
+            return {**specs, **{n: film("class", True) for n in spec.OBJECT_FILM}}
+        specs.update({n: film("part") for n in spec.PART_FILM})
+        specs.update({n: film("object", True) for n in spec.OBJECT_FILM})
+        if self.mode == "colour_blind":
+            specs.update({n: film("object") for n in spec.COLOUR_FILM})
+        specs.update({n: film("class") for n in spec.CLASS_FILM})
+        specs[spec.CLASS_INDEX[0]] = spec.TensorSpec.over("class", dtype="int64", indexes="part")
+        specs[spec.CLASS_INDEX[1]] = spec.TensorSpec.over("class", dtype="int64",
+                                                          indexes="object")
+        return specs
+
+    def output_specs(self) -> dict[str, spec.TensorSpec]:
+        """{name: TensorSpec} of the graph outputs, in forward order."""
+        size = self.model.cfg.image_size
+        if self.labels:
+            return {spec.LABELS: spec.TensorSpec(("B", size, size), "int32")}
+        out = {spec.LOGITS: spec.TensorSpec.over("class", (size, size), background=True,
+                                                 batch=True)}
+        if self.mode != "clipseg":
+            out[spec.OBJECT_LOGITS] = spec.TensorSpec.over("object", (size, size),
+                                                           background=True, batch=True)
+        return out
+
+    def mask_specs(self) -> dict[str, spec.TensorSpec]:
+        """{name: TensorSpec} of a slot graph's validity masks (bool), after the inputs."""
+        if self.mode == "clipseg":
+            return {spec.OBJECT_VALID: spec.TensorSpec.over("class", dtype="bool",
+                                                            background=True)}
+        return {spec.OBJECT_VALID: spec.TensorSpec.over("object", dtype="bool", background=True),
+                spec.CLASS_VALID: spec.TensorSpec.over("class", dtype="bool")}
 
     def forward(self, image: torch.Tensor, *vocab: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.stages(image, *vocab)
@@ -75,8 +121,8 @@ class DeployModel(nn.Module):
         m = self.model
         valid: tuple[torch.Tensor, ...] = ()
         if self.slots:  # the validity masks follow the vocabulary arrays
-            vocab, valid = vocab[:-len(spec.slot_masks(self.mode))], \
-                vocab[-len(spec.slot_masks(self.mode)):]
+            n_masks = len(self.mask_specs())
+            vocab, valid = vocab[:-n_masks], vocab[-n_masks:]
         mark("start")
         # Cast before the transpose: TensorRT transposes no uint8 tensors.
         # (In the model's precision: a .half() DeployModel normalizes in FP16.)
@@ -92,12 +138,12 @@ class DeployModel(nn.Module):
             if self.slots:
                 logits = _mask_rows(logits, valid[0])
             return (_labels(logits),) if self.labels else (logits,)
-        if self.mode == "colour_blind":
-            (part_mul, part_add, obj_mul, obj_add, colour_mul, colour_add, object_words,
+        if self.mode == "colour_blind":  # per object: a colour row and a body-plan row
+            (part_mul, part_add, obj_mul, obj_add, colour_mul, colour_add,
              cls_mul, cls_add, class_part, class_object) = vocab
             cond = Conditioning(torch.cat([part_mul, colour_mul, obj_mul]),
                                 torch.cat([part_add, colour_add, obj_add]), part_mul.shape[0], 0,
-                                num_colour=colour_mul.shape[0], object_words=object_words)
+                                num_colour=colour_mul.shape[0])
         else:
             part_mul, part_add, obj_mul, obj_add, cls_mul, cls_add, class_part, class_object = vocab
             cond = Conditioning(torch.cat([part_mul, obj_mul]), torch.cat([part_add, obj_add]),
@@ -121,7 +167,6 @@ class DeployModel(nn.Module):
         if self.labels:
             return (_labels(logits, object_logits, class_object),)
         return logits, object_logits
-
 
     def _chunked_labels(self, class_feats: torch.Tensor, image_feats: Any,
                         object_logits: torch.Tensor, class_object: torch.Tensor,
@@ -185,7 +230,7 @@ def _conditioning(mul: torch.Tensor, add: torch.Tensor) -> Conditioning:
 def vocab_arrays(model: PartCLIPSeg, vocab: Vocabulary) -> dict[str, np.ndarray]:
     """Everything that depends only on text, as the graph's vocabulary inputs.
 
-    Returns {name: array} for `runtime.bundle.inputs_for_mode(mode)[1:]`: float32 (rows, D)
+    Returns {name: array} for `DeployModel.input_specs()` minus the image: float32 (rows, D)
     FiLM vectors and int64 (K,) index vectors (see runtime.bundle for the layout).
     """
     was_training = model.training
@@ -196,19 +241,35 @@ def vocab_arrays(model: PartCLIPSeg, vocab: Vocabulary) -> dict[str, np.ndarray]
     if model.cfg.mode == "clipseg":
         return {spec.OBJECT_FILM[0]: f(cond.film1_mul), spec.OBJECT_FILM[1]: f(cond.film1_add)}
     p, c = cond.num_parts, cond.num_colour  # rows: [parts, colour words (if any), objects, bg]
-    words = {}
-    if cond.object_words is not None:
-        words = {spec.COLOUR_FILM[0]: f(cond.film1_mul[p:p + c]),
-                 spec.COLOUR_FILM[1]: f(cond.film1_add[p:p + c]),
-                 spec.OBJECT_WORDS: f(cond.object_words)}
-    return {
-        spec.PART_FILM[0]: f(cond.film1_mul[:p]), spec.PART_FILM[1]: f(cond.film1_add[:p]),
-        spec.OBJECT_FILM[0]: f(cond.film1_mul[p + c:]),
-        spec.OBJECT_FILM[1]: f(cond.film1_add[p + c:]), **words,
-        spec.CLASS_FILM[0]: f(cond.film2_mul), spec.CLASS_FILM[1]: f(cond.film2_add),
-        spec.CLASS_INDEX[0]: cond.class_part.cpu().numpy().astype(np.int64),
-        spec.CLASS_INDEX[1]: cond.class_object.cpu().numpy().astype(np.int64),
-    }
+    mul, add = f(cond.film1_mul), f(cond.film1_add)
+    out = {spec.PART_FILM[0]: mul[:p], spec.PART_FILM[1]: add[:p]}
+    if cond.object_words is None:
+        out.update({spec.OBJECT_FILM[0]: mul[p:], spec.OBJECT_FILM[1]: add[p:]})
+    else:  # word rows -> one colour row and one body-plan row per object (the graph's layout)
+        matrix = f(cond.object_words)  # (O, C + W_p) 0/1: each object's two words
+        colour = p + matrix[:, :c].argmax(1)
+        plan = p + c + np.append(matrix[:, c:].argmax(1), mul.shape[0] - p - c - 1)  # + bg
+        out.update({spec.COLOUR_FILM[0]: mul[colour], spec.COLOUR_FILM[1]: add[colour],
+                    spec.OBJECT_FILM[0]: mul[plan], spec.OBJECT_FILM[1]: add[plan]})
+    out.update({spec.CLASS_FILM[0]: f(cond.film2_mul), spec.CLASS_FILM[1]: f(cond.film2_add),
+                spec.CLASS_INDEX[0]: cond.class_part.cpu().numpy().astype(np.int64),
+                spec.CLASS_INDEX[1]: cond.class_object.cpu().numpy().astype(np.int64)})
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def text_head_arrays(model: PartCLIPSeg) -> dict[str, np.ndarray]:
+    """The text-only layers of `model` as float32 arrays (`runtime.text.HEAD_ARRAYS` names
+    them): what the runtime's text side needs to turn CLIP text features into `vocab_arrays`."""
+    f = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    arrays = {"film_mul_w": f(model.film.mul.weight), "film_mul_b": f(model.film.mul.bias),
+              "film_add_w": f(model.film.add.weight), "film_add_b": f(model.film.add.bias),
+              "background": f(model.background)}
+    if model.cfg.mode == "partclipseg":
+        arrays.update(
+            embed_mix_w=f(model.embed_mix.weight), embed_mix_b=f(model.embed_mix.bias),
+            film2_mul_w=f(model.film2.mul.weight), film2_mul_b=f(model.film2.mul.bias),
+            film2_add_w=f(model.film2.add.weight), film2_add_b=f(model.film2.add.bias))
+    return arrays
 
 
 def example_inputs(size: int, arrays: dict[str, np.ndarray], batch: int = 1, seed: int = 0,

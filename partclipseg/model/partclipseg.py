@@ -66,14 +66,16 @@ class Conditioning:
     Stage-1 conditions are ordered [P generalized parts, O objects, background]
     (partclipseg) or [K object-specific classes, background] (clipseg, P = 0, O = K). A
     colour-blind model's object rows are words: [P parts, C colour words, W_p body-plan words,
-    background], num_objects = C + W_p, and `object_words` maps objects to them.
+    background], num_objects = C + W_p, and `object_words` maps objects to them; or, as
+    deployed (`object_words` None), one colour row and one body-plan row per object:
+    [P parts, O colour rows, O body-plan rows, background], num_colour = O.
 
     film1_mul, film1_add: (P + O + 1, D) float.
     film2_mul, film2_add: (K, D) float, stage-2 FiLM' vectors (None for clipseg).
     class_part: (K,) int64 index of each class's part in [0, P) (None for clipseg).
     class_object: (K,) int64 index of each class's object in [0, O) (None for clipseg).
-    num_colour: C, the colour-word rows (colour-blind only; 0 otherwise).
-    object_words: (O, C + W_p) float 0/1, each object's two words (colour-blind only).
+    num_colour: C, the colour rows (colour-blind only; 0 otherwise).
+    object_words: (O, C + W_p) float 0/1, each object's two words (colour-blind word rows only).
     """
 
     film1_mul: torch.Tensor
@@ -335,7 +337,7 @@ class PartCLIPSeg(nn.Module):
                ) -> Stage1:
         """(B, 3, S, S) normalized images -> stage-1 features and logits (partclipseg mode).
         `mark("vit")` is called once the image features exist (the GPU profile's stages)."""
-        if cond.object_words is not None:
+        if cond.num_colour:
             return self._stage1_colour_blind(images, cond, need_attention, part_logits, mark)
         image = self.image_features(images)
         mark("vit")
@@ -353,7 +355,8 @@ class PartCLIPSeg(nn.Module):
                              mark: Callable[[str], None]) -> Stage1:
         """Parts, body-plan words and background decoded from the grey image, colour words from
         the colour image; objects from their words (logits summed, features and attention
-        averaged). Rows of `cond`: [P parts, C colours, W_p plans, background]."""
+        averaged). Rows of `cond`: [P parts, C colours, W_p plans, background], or one colour
+        and one plan row per object (`object_words` None: the deployed layout)."""
         p, c = cond.num_parts, cond.num_colour
         mul, add = cond.film1_mul, cond.film1_add
         colour = self.image_features(images)
@@ -368,14 +371,19 @@ class PartCLIPSeg(nn.Module):
         s_c = self.mask_logits(self.head, f_c, colour)
         plans = s_g[:, -(f_g.shape[1] - p):]  # [plan words, background]
         words = cond.object_words
-        mean = words / words.sum(1, keepdim=True)
-        object_feats = _mix_rows(mean, torch.cat([f_c, f_g[:, p:-1]], 1))
-        objects = _mix_rows(words, torch.cat([s_c, plans[:, :-1]], 1))
+        if words is None:  # object o = colour row o + plan row o: the same sums, no matrix
+            object_feats = (f_c + f_g[:, p:-1]) / 2
+            objects = s_c + plans[:, :-1]
+        else:
+            mean = words / words.sum(1, keepdim=True)
+            object_feats = _mix_rows(mean, torch.cat([f_c, f_g[:, p:-1]], 1))
+            objects = _mix_rows(words, torch.cat([s_c, plans[:, :-1]], 1))
         parts = torch.cat([s_g[:, :p], s_g[:, -1:]], 1) if part_logits else None
         attention = None
         if need_attention:
-            word_att = torch.cat([a_c, a_g[:, p:-1]], 1)
-            attention = torch.cat([a_g[:, :p], _mix_rows(mean, word_att), a_g[:, -1:]], 1)
+            word_att = ((a_c + a_g[:, p:-1]) / 2 if words is None
+                        else _mix_rows(mean, torch.cat([a_c, a_g[:, p:-1]], 1)))
+            attention = torch.cat([a_g[:, :p], word_att, a_g[:, -1:]], 1)
         return Stage1(grey, f_g[:, :p], object_feats, torch.cat([objects, plans[:, -1:]], 1),
                       parts, attention)
 

@@ -11,20 +11,27 @@ onnxruntime, TensorRT or torch.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
+from ..errors import DeviceError
+
 if TYPE_CHECKING:
     from ..bundle import Manifest
 
-__all__ = ["Backend", "BackendOptions", "register", "backend_class", "BACKENDS"]
+log = logging.getLogger("runtime")
+
+__all__ = ["Backend", "BackendOptions", "register", "backend_class", "open_backend",
+           "pick_backend", "BACKENDS"]
 
 # name -> module that registers it (imported on first use).
 _MODULES = {"tensorrt": "runtime.backends.tensorrt", "onnxruntime": "runtime.backends.onnxruntime",
             "torch": "runtime.backends.torch"}
+_VARIANTS = {"onnxruntime-slots": "runtime.backends.slots"}  # picked by `open_backend`
 _REGISTRY: dict[str, type["Backend"]] = {}
 BACKENDS = tuple(_MODULES)
 
@@ -87,12 +94,47 @@ def register(name: str) -> Callable[[type], type]:
 def backend_class(name: str) -> type[Backend]:
     """The backend class registered as `name`, importing its module on first use."""
     if name not in _REGISTRY:
-        if name not in _MODULES:
+        module = _MODULES.get(name) or _VARIANTS.get(name)
+        if module is None:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-        importlib.import_module(_MODULES[name])
+        importlib.import_module(module)
     return _REGISTRY[name]
+
+
+def open_backend(name: str, manifest: "Manifest", options: BackendOptions) -> Backend:
+    """Open backend `name` on the bundle. ONNX Runtime label maps run the bundle's fast slot
+    graphs when it has them (`export.onnx --fast`), unless `options.slots` is False."""
+    if (name == "onnxruntime" and options.labels and options.slots is not False
+            and manifest.fast is not None):
+        name = "onnxruntime-slots"
+    return backend_class(name).open(manifest, options)
 
 
 def default_precision(device: str, precision: str | None) -> str:
     """FP16 on the GPU, FP32 on the CPU, unless asked."""
     return precision or ("fp16" if device == "cuda" else "fp32")
+
+
+def pick_backend(manifest: "Manifest", device: str | None) -> tuple[str, str]:
+    """(backend name, device) of `backend="auto"`: the fastest that can run here, TensorRT >
+    ONNX Runtime CUDA > ONNX Runtime CPU; logs why a faster one was passed over."""
+    if device != "cpu" and manifest.has("engine") and manifest.engine is not None:
+        try:
+            from .tensorrt import current_gpu, engine_mismatch, import_tensorrt
+
+            trt, flavour = import_tensorrt(manifest.engine.flavour)
+            problem = engine_mismatch(manifest.engine, flavour, trt.__version__, current_gpu())
+            if problem is None:
+                return "tensorrt", "cuda"
+            log.info("runtime: not using the TensorRT engine: %s", problem)
+        except ImportError as e:
+            log.info("runtime: TensorRT unavailable (%s)", str(e).splitlines()[0])
+    if device != "cpu":
+        from .onnxruntime import cuda_available
+
+        if cuda_available():
+            return "onnxruntime", "cuda"
+        if device == "cuda":
+            raise DeviceError("device='cuda' but neither a runnable TensorRT engine nor "
+                              "onnxruntime-gpu is available")
+    return "onnxruntime", "cpu"

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import IMAGE, LABELS, BundleError, Manifest, graph_file, pad_to_slots
+from ..bundle import BundleError, Manifest, graph_file
 from ..errors import DeviceError
 from . import BackendOptions, default_precision, register
 
-__all__ = ["OnnxRuntimeBackend", "SlotGraphs", "cuda_available"]
+__all__ = ["OnnxRuntimeBackend", "cuda_available"]
 
 log = logging.getLogger("runtime")
 
@@ -40,13 +40,11 @@ class OnnxRuntimeBackend:
     max_classes = None  # dynamic class dimensions: any vocabulary in one call
 
     @classmethod
-    def open(cls, manifest: Manifest, options: BackendOptions) -> "OnnxRuntimeBackend | SlotGraphs":
-        """The bundle's FP32 or FP16 graph; with `options.labels` its fast slot graphs when it
-        has them (`export.onnx --fast`), else its label-map graph."""
+    def open(cls, manifest: Manifest, options: BackendOptions) -> "OnnxRuntimeBackend":
+        """The bundle's FP32 or FP16 graph, or with `options.labels` its label-map graph (the
+        fast slot graphs are `runtime.backends.slots`; `open_backend` picks)."""
         device = options.device or "cpu"
         precision = default_precision(device, options.precision)
-        if options.labels and options.slots is not False and manifest.fast is not None:
-            return SlotGraphs(manifest, device, options.threads, precision)
         if options.slots:
             raise BundleError(f"{manifest.root} has no fast slot graphs; export them with "
                               "python -m export.onnx --fast 1 8 ...")
@@ -170,60 +168,3 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
-
-
-class SlotGraphs:
-    """A bundle's fast slot graphs (`export.onnx --fast`) behind the backend interface: one
-    session per exported batch size (captured in a CUDA graph on the GPU). `run` pads the
-    vocabulary into the slots and the batch up to the next exported size (larger batches in
-    pieces of the largest), so every call has the shapes the graphs were built with.
-    Output: {"labels": (B, S, S) int32}."""
-
-    name = "onnxruntime"
-    max_classes = None  # the slots bound the vocabulary; `pad_to_slots` names an overflow
-
-    def __init__(self, manifest: Manifest, device: str, threads: int | None, precision: str):
-        self.fast, self.mode = manifest.fast, manifest.mode
-        self.sessions = {
-            b: OnnxRuntimeBackend(str(manifest.file(graph_file(precision, fast_batch=b)[0])),
-                                  device, threads, precision=precision,
-                                  cuda_graph=device == "cuda")
-            for b in self.fast.batches}
-        first = self.sessions[self.fast.batches[0]]
-        self.device, self.precision = device, precision
-        self.input_names, self.output_names = first.input_names, (LABELS,)
-        self._slots: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
-        self._lock = threading.Lock()
-
-    def _padded(self, vocab: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Slot arrays of a selection's feed, kept while the same feed comes back."""
-        key = id(vocab.get(next(iter(sorted(vocab)))))
-        with self._lock:
-            hit = self._slots.get(key)
-            if hit is not None and all(hit[0][n] is vocab[n] for n in vocab):
-                return hit[1]
-        slots = pad_to_slots(vocab, self.mode, self.fast)
-        with self._lock:
-            if len(self._slots) > 64:
-                self._slots.clear()
-            self._slots[key] = (dict(vocab), slots)
-        return slots
-
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        image = feed[IMAGE]
-        slots = self._padded({k: v for k, v in feed.items() if k != IMAGE})
-        largest = self.fast.batches[-1]
-        out = []
-        for start in range(0, image.shape[0], largest):
-            part = image[start:start + largest]
-            b = next(s for s in self.fast.batches if s >= part.shape[0])
-            if b > part.shape[0]:  # zero frames fill the static batch; their labels are dropped
-                part = np.concatenate([part, np.zeros((b - part.shape[0],) + part.shape[1:],
-                                                      part.dtype)])
-            labels = self.sessions[b].run({IMAGE: part, **slots})[LABELS]
-            out.append(labels[:min(largest, image.shape[0] - start)])
-        return {LABELS: np.concatenate(out)}
-
-    def close(self) -> None:
-        for s in self.sessions.values():
-            s.close()

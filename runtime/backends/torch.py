@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import BundleError, Manifest, inputs_for_mode, outputs_for_mode
+from ..bundle import IMAGE, BundleError, Manifest
 from . import BackendOptions, default_precision, register
 
 __all__ = ["TorchBackend"]
@@ -63,8 +63,9 @@ class TorchBackend:
         if precision == "fp16":
             self.model.half()
         self._torch, self.device, self.precision = torch, device, precision
-        self.output_names = outputs_for_mode(mode, labels)
-        self.input_names = inputs_for_mode(mode)
+        # The interface the model declares: the one export wrote into the manifest.
+        self.input_names = tuple(self.model.input_specs())
+        self.output_names = tuple(self.model.output_specs())
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -72,7 +73,7 @@ class TorchBackend:
         args = []
         for n in self.input_names:
             t = torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device)
-            args.append(t.to(dtype) if t.is_floating_point() and n != "image" else t)
+            args.append(t.to(dtype) if t.is_floating_point() and n != IMAGE else t)
         with torch.inference_mode():  # no module state changes: safe across threads
             out = self.model(*args)
         return {n: (o if o.dtype == torch.int32 else o.float()).cpu().numpy()

@@ -31,7 +31,9 @@ def test_manifest_lists_every_file_with_size_and_hash(tiny_bundle):
         entry = m.files[key]
         path = m.file(key)
         assert path.stat().st_size == entry.bytes and len(entry.sha256) == 64
-    assert list(m.inputs) == list(spec.inputs_for_mode("partclipseg"))
+    assert list(m.inputs) == ["image", *spec.PART_FILM, *spec.OBJECT_FILM, *spec.CLASS_FILM,
+                              *spec.CLASS_INDEX]
+    assert m.inputs["class_part"].indexes == "part" and m.inputs["object_film_mul"].background
     assert m.onnx.parity["fp32"]["rel_error"] < 1e-4
     assert m.onnx.parity["fp32_labels"]["label_agreement"] >= 0.999
     assert m.outputs[spec.LABELS].dtype == "int32" and m.has("onnx_fp16_labels")
@@ -55,8 +57,8 @@ def _assert_graphs_match_torch(ckpt, graphs, torch):
     size = model.cfg.image_size
     feed = example_inputs(size, vocab_arrays(model, OTHER_VOCAB), batch=3, seed=7)
     with torch.no_grad():
-        ref = DeployModel(model, CLIP_MEAN, CLIP_STD)(
-            *(torch.from_numpy(feed[n]) for n in spec.inputs_for_mode("partclipseg")))
+        deploy = DeployModel(model, CLIP_MEAN, CLIP_STD)
+        ref = deploy(*(torch.from_numpy(feed[n]) for n in deploy.input_specs()))
     for path, tol in graphs:
         out = _run(path, feed)
         assert out[0].shape == (3, OTHER_VOCAB.num_classes + 1, size, size)
@@ -120,7 +122,8 @@ def test_clipseg_bundle_and_float_input(tiny_clipseg_ckpt, tmp_path):
                     fp16=False)
     assert m.mode == "clipseg" and m.input_size == 128 and not m.has("onnx_fp16")
     sess = ort.InferenceSession(str(tmp_path / "c" / spec.graph_file("fp32")[1]))
-    assert [i.name for i in sess.get_inputs()] == list(spec.inputs_for_mode("clipseg"))
+    assert [i.name for i in sess.get_inputs()] == list(m.inputs) == ["image", *spec.OBJECT_FILM]
+    assert m.inputs[spec.OBJECT_FILM[0]].rows == "class"  # one condition per class
     assert sess.get_inputs()[0].type == "tensor(float)"
 
 

@@ -10,6 +10,7 @@ pytest.importorskip("onnxruntime")
 from runtime import Segmenter  # noqa: E402
 from runtime import bundle as spec  # noqa: E402
 from runtime.bundle import BundleError  # noqa: E402
+from runtime.backends.slots import pad_to_slots  # noqa: E402
 
 SLOTS = {"max_parts": 8, "max_objects": 4, "max_classes": 12}
 NEW = ["cup's handle", "cup's body", "robot arm's gripper"]
@@ -72,7 +73,7 @@ def test_a_vocabulary_change_changes_slot_contents_not_shapes(fast_bundle):
     m = fast.manifest
     shapes = None
     for classes in (None, NEW, NEW[:1]):
-        slots = spec.pad_to_slots(fast.feed(classes), m.mode, m.fast)
+        slots = pad_to_slots(fast.feed(classes), m.vocab_inputs, m.fast)
         now = {k: v.shape for k, v in slots.items()}
         assert shapes is None or now == shapes
         shapes = now
@@ -140,13 +141,15 @@ def test_fused_tail_gives_the_whole_map_labels(tiny_ckpt, monkeypatch, chunk):
     monkeypatch.setattr(deploy, "CLASS_CHUNK", chunk)
     model, vocab, _ = load_model(tiny_ckpt)
     arrays = deploy.vocab_arrays(model, vocab)
-    slots = spec.pad_to_slots(arrays, "partclipseg", spec.FastInfo((1,), **SLOTS))
+    fused_model = deploy.DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True, slots=True)
+    specs = {n: t for n, t in fused_model.input_specs().items() if n != spec.IMAGE}
+    slots = pad_to_slots(arrays, specs, spec.FastInfo((1,), **SLOTS,
+                                                      masks=fused_model.mask_specs()))
     images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 160, 160, 3),
                                                                  dtype=np.uint8))
-    names = spec.inputs_for_mode("partclipseg")[1:]
+    names = list(specs) + list(fused_model.mask_specs())
     with torch.no_grad():
-        fused = deploy.DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True, slots=True)(
-            images, *(torch.from_numpy(slots[n]) for n in names + spec.slot_masks("partclipseg")))
+        fused = fused_model(images, *(torch.from_numpy(slots[n]) for n in names))
         whole = deploy.DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True)(
-            images, *(torch.from_numpy(arrays[n]) for n in names))
+            images, *(torch.from_numpy(arrays[n]) for n in specs))
     assert torch.equal(fused[0], whole[0])

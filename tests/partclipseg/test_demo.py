@@ -25,6 +25,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert rows["torch:cpu:fp32"]["latency_ms"] > 0
     assert rows["onnxruntime:cpu:fp32"]["pixel_agreement"] >= 0.999
     assert abs(rows["onnxruntime:cpu:fp32"]["d_miou_seen"]) <= 0.05
+    assert rows["onnxruntime:cpu:fp32 fast slots"]["vs_exact"] >= 0.999  # the demo model's too
     assert (out / "bundle" / "manifest.json").is_file() and (out / "run" / "best.pt").is_file()
     assert json.loads((out / "bundle" / "manifest.json").read_text())["mode"] == "colour_blind"
     assert len(list((out / "overlays").glob("*.png"))) == 4

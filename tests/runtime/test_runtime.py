@@ -75,12 +75,11 @@ def test_class_subset(seg):
 def test_subset_logits_equal_full_vocabulary_logits(seg):
     """Conditions never interact, so a class's logits do not depend on the other classes."""
     image = _image()
-    full = seg._select(None)
-    sub = seg._select(["blue bird's wing", "red quadruped's eye"])
+    names = ["blue bird's wing", "red quadruped's eye"]
     batch = resize_image(image, seg.input_size)[None]
-    lf, of = seg._infer(batch, full)
-    ls, os_ = seg._infer(batch, sub)
-    k_wing, k_eye = (seg.vocabulary.index(n) for n in sub.vocab.class_names)
+    lf = seg.backend.run({"image": batch, **seg.feed()})["logits"]
+    ls = seg.backend.run({"image": batch, **seg.feed(names)})["logits"]
+    k_wing, k_eye = (seg.vocabulary.index(n) for n in names)
     np.testing.assert_allclose(ls[0, :2], lf[0, [k_wing, k_eye]], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ls[0, -1], lf[0, -1], rtol=1e-4, atol=1e-4)
 
@@ -214,14 +213,19 @@ def test_fast_labels_match_the_exact_path_at_model_resolution(tiny_bundle, seg):
 
 
 def test_class_subset_cache_is_bounded(tiny_bundle):
-    seg = Segmenter.load(tiny_bundle, backend="onnxruntime")
-    names = seg.vocabulary.class_names
+    from runtime.selection import Selections
+
+    manifest = spec.read_manifest(tiny_bundle)
+    sels = Selections(manifest, spec.read_vocab(manifest), None, encode=None)
+    names = manifest.vocabulary.class_names
     requests = [[a, b] for a in names for b in names if a != b]
-    assert len(requests) > Segmenter.SELECTION_CACHE
+    assert len(requests) > Selections.CACHE
+    first = sels.get(requests[0])
     for r in requests:
-        seg._select(r)
-    assert len(seg._selections) == Segmenter.SELECTION_CACHE
-    assert seg._select(requests[-1]) is seg._select(requests[-1])
+        sels.get(r)
+    assert len(sels) == Selections.CACHE
+    assert sels.get(requests[-1]) is sels.get(requests[-1])  # kept
+    assert sels.get(requests[0]) is not first  # the oldest was evicted
 
 
 def test_io_binding_path_gives_the_plain_run_outputs(tiny_bundle, seg):

@@ -16,7 +16,7 @@ from runtime import Segmenter, VocabularyError  # noqa: E402
 from ..support import assert_imports_none, random_image  # noqa: E402
 from runtime import bundle as spec  # noqa: E402
 from runtime.preprocess import InputError  # noqa: E402
-from runtime.vocabulary import Vocabulary  # noqa: E402
+from runtime.vocabulary import Vocabulary, split_class_name  # noqa: E402
 
 NEW = ["cup's handle", "cup's body", "robot arm's gripper", "red bird's wing"]
 ODD = ["Ünïcödé's  Nâme", "emoji 🐶's ear", "日本語の名前's 部分", "a&amp;b's c",
@@ -57,7 +57,7 @@ def test_runtime_text_side_equals_export_vocab(tiny_bundle, tiny_ckpt):
 
     model, vocab, _ = load_model(tiny_ckpt)
     text = TextSide.open(spec.read_manifest(tiny_bundle))
-    for v in (vocab, Vocabulary.from_names([tuple(n.split("'s ")) for n in NEW])):
+    for v in (vocab, Vocabulary.from_names([split_class_name(n) for n in NEW])):
         got, want = text.vocab_arrays(v), vocab_arrays(model, v)
         assert sorted(got) == sorted(want)
         for name, ref in want.items():
@@ -81,7 +81,7 @@ def test_new_names_predict_like_a_bundle_exported_with_them(request, ckpt_fixtur
     ckpt = request.getfixturevalue(ckpt_fixture)
     runtime_b = export_onnx(ckpt, tmp_path / "a", fp16=False).root
     torch_b = export_onnx(ckpt, tmp_path / "b", fp16=False).root
-    vocab = Vocabulary.from_names([tuple(n.split("'s ")) for n in NEW])
+    vocab = Vocabulary.from_names([split_class_name(n) for n in NEW])
     set_vocabulary(torch_b, ckpt, vocab)
     ours = Segmenter.load(runtime_b, backend="onnxruntime")
     ref = Segmenter.load(torch_b, backend="onnxruntime")
@@ -104,7 +104,7 @@ def test_new_names_chunk_like_the_whole_vocabulary(tiny_bundle):
 
 def test_pairs_and_strings_name_the_same_classes(tiny_bundle):
     seg = Segmenter.load(tiny_bundle, backend="onnxruntime")
-    pairs = [tuple(n.split("'s ")) for n in NEW]
+    pairs = [split_class_name(n) for n in NEW]
     a, b = seg.predict(random_image(96, 128), classes=NEW), seg.predict(random_image(96, 128), classes=pairs)
     assert a.class_names == b.class_names
     np.testing.assert_array_equal(a.labels, b.labels)
@@ -125,12 +125,14 @@ def test_pairs_and_strings_name_the_same_classes(tiny_bundle):
 def test_bad_class_requests_are_named_and_nothing_is_cached(tiny_bundle, bad, error, match):
     seg = Segmenter.load(tiny_bundle, backend="onnxruntime")
     seg.predict(random_image(96, 128), classes=NEW[:1])
-    before = (dict(seg._selections), seg.vocabulary, dict(seg._text.encoder._cache))
+    cached = seg.feeds(NEW[:1])[0]
+    before = (seg.vocabulary, len(seg.text_side().encoder))
     with pytest.raises(error, match=match):
         seg.predict(random_image(96, 128), classes=bad)
     with pytest.raises(error, match=match):
         seg.set_vocabulary(bad)
-    assert (dict(seg._selections), seg.vocabulary, dict(seg._text.encoder._cache)) == before
+    assert (seg.vocabulary, len(seg.text_side().encoder)) == before
+    assert all(a is cached[n] for n, a in seg.feeds(NEW[:1])[0].items())  # still the cached
 
 
 def test_a_name_runs_through_the_tower_once(tiny_bundle, monkeypatch):
@@ -156,7 +158,7 @@ def test_overlong_names_are_truncated_as_open_clip_does(tiny_bundle):
     <end_of_text> kept last; two names that differ only past the cut encode the same."""
     seg = Segmenter.load(tiny_bundle, backend="onnxruntime")
     long_a, long_b = "x " * 40 + "a's part", "x " * 40 + "b's part"
-    tokens = seg._text_side().encoder.tokenize([long_a, long_b])
+    tokens = seg.text_side().encoder.tokenize([long_a, long_b])
     assert (tokens[:, -1] == 49407).all() and (tokens[0] == tokens[1]).all()
     assert seg.predict(random_image(96, 128), classes=[long_a]).labels.shape == (96, 128)
 
@@ -268,6 +270,7 @@ def test_a_damaged_text_file_is_named_before_it_is_used(tiny_bundle, tmp_path, k
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     seg = Segmenter.load(b, backend="onnxruntime")  # the image side is untouched
-    with pytest.raises(BundleError, match=f"{path.name} is corrupt"):
-        seg.predict(random_image(96, 128), classes=NEW[:1])
-    assert seg._text is None and not seg._selections
+    for _ in range(2):  # nothing half-built is kept: the next request fails the same way
+        with pytest.raises(BundleError, match=f"{path.name} is corrupt"):
+            seg.predict(random_image(96, 128), classes=NEW[:1])
+    assert seg.predict(random_image(96, 128)).labels.shape == (96, 128)  # the bundle's names
