@@ -162,15 +162,6 @@ FAST_BATCHES = (1, 8)
 FAST_SLOTS = {"max_parts": 16, "max_objects": 16, "max_classes": 96}
 
 
-def _fast_batches(checkpoint: Path) -> tuple[int, ...] | None:
-    """FAST_BATCHES, or None for a checkpoint whose model has no fast graphs (a colour-blind
-    model, such as the demo's: `benchmarks/test_fast.py` then skips with the reason)."""
-    from partclipseg.checkpoint import load_checkpoint
-
-    return None if load_checkpoint(checkpoint)["model_config"].get("colour_blind") \
-        else FAST_BATCHES
-
-
 @pytest.fixture(scope="session")
 def bench_bundle(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathFactory
                  ) -> BenchBundle:
@@ -190,10 +181,10 @@ def bench_bundle(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathF
         if not opts.checkpoint.is_file():
             raise FileNotFoundError(f"--ckpt {opts.checkpoint} does not exist")
         built = build_bundle(out, checkpoint=opts.checkpoint,
-                             fast=_fast_batches(opts.checkpoint), slots=FAST_SLOTS)
+                             fast=FAST_BATCHES, slots=FAST_SLOTS)
         source = f"trained {opts.checkpoint}"
     elif demo.is_file():
-        built = build_bundle(out, checkpoint=demo, fast=_fast_batches(demo), slots=FAST_SLOTS)
+        built = build_bundle(out, checkpoint=demo, fast=FAST_BATCHES, slots=FAST_SLOTS)
         source = f"trained {DEMO_CHECKPOINT}"
     else:
         built = build_bundle(out, config="tiny", vocab=synthparts_vocabulary(), check_batch=1,

@@ -266,9 +266,8 @@ def read_class_file(path: str | Path) -> Vocabulary:
             pairs.append(split_class_name(line))
         except VocabularyError as e:
             raise VocabularyError(f"{path}:{n}: {e}") from None
-        obj = pairs[-1][0]
         if mark:
-            unseen.add(obj)
+            unseen.add(pairs[-1][0])
     if not pairs:
         raise VocabularyError(f"{path} lists no classes")
     if len(set(pairs)) != len(pairs):

@@ -40,3 +40,8 @@ def test_robotics_example_runs_as_written(tiny_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("onnxruntime:cpu:fp32") and " px" in r.stdout
     assert "cup's handle:" in r.stdout
+
+
+def test_readme_stays_a_users_page():
+    """At most 250 lines: lab numbers and long tables live in docs/."""
+    assert len(README.read_text().splitlines()) <= 250

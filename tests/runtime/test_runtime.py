@@ -239,3 +239,23 @@ def test_io_binding_path_gives_the_plain_run_outputs(tiny_bundle, seg):
         got = bound.run(feed)
         for name, value in plain.items():
             np.testing.assert_array_equal(got[name], value)
+
+
+def test_one_class_name_grammar_for_training_data_class_files_and_requests(tmp_path):
+    """"a's b's c" is the part "c" of the object "a's b" everywhere (split at the last "'s ")."""
+    from partclipseg.data.vocabularies import vocabulary_from_class_names
+    from runtime.selection import parse_classes
+    from runtime.vocabulary import (Vocabulary, class_name, read_class_file,
+                                    split_class_name)
+
+    name, want = "person's child's  hand", ("person's child", "hand")
+    assert split_class_name(name) == want and class_name(*want) == "person's child's hand"
+    assert parse_classes([name]) == (want,)
+    (tmp_path / "classes.txt").write_text(name + " *\n")
+    for v in (read_class_file(tmp_path / "classes.txt"), vocabulary_from_class_names([name])):
+        assert (v.objects, v.parts) == (("person's child",), ("hand",))
+    with pytest.raises(VocabularyError, match="part names cannot contain"):
+        Vocabulary.from_names([("dog", "owner's hand")])
+    for bad in ("hand", "'s hand", "dog's  "):
+        with pytest.raises(VocabularyError):
+            split_class_name(bad)
