@@ -27,9 +27,12 @@ from benchmarks.timing import time_calls
 ROUNDS = {1: (2, 10), 8: (1, 5), 32: (1, 3)}
 QUICK_ROUNDS = {1: (1, 3), 8: (1, 2)}
 CPU_RATIO_TARGET = 1.5  # docs/design.md: ONNX Runtime >= 1.5x faster than torch eager FP32
-# Gross regression, failed on every machine: ONNX Runtime no faster than torch eager. The ratio
-# spans 1.36x-1.82x across runs and machines (docs/design.md, "Gates"), so 1.0x is far outside
-# the noise and only a real regression (a graph that lost its fusions, a slow op) crosses it.
+# Gross regression, failed on every machine: ONNX Runtime no faster than torch eager, each on
+# one thread. Gated on one thread because the default-thread ratio is bimodal on a shared
+# 2-core machine: in 3 runs of 10 (2026-12-06) ONNX Runtime's two-thread pool ran ~1.75x slower
+# for a whole process, which took the best-vs-best ratio from ~1.47x to ~1.1x, while the
+# one-thread ratio stayed at 1.52x-1.55x (docs/design.md, "Gates"). 1.0x is then far outside
+# the noise, and only a real regression (a graph that lost its fusions, a slow op) crosses it.
 CPU_RATIO_GATE = 1.0
 
 
@@ -92,7 +95,8 @@ def test_cpu_onnxruntime_vs_torch(bench_options: Any, bench_bundle: Any, open_se
                                   frames: np.ndarray, bench_report: BenchReport,
                                   targets: TargetBook, record_property: Any) -> None:
     """CPU target: ONNX Runtime FP32 >= 1.5x faster than PyTorch eager FP32 at batch 1,
-    measured here in the same process; gate: >= 1.0x.
+    measured here in the same process, best thread setting against best; gate: >= 1.0x with
+    one thread each.
 
     Checked on the bare backend call (graph vs eager model, as the CPU anchor measured):
     `Segmenter.predict` adds the same numpy pre/post-processing to both, which dilutes the
@@ -155,10 +159,13 @@ def test_cpu_onnxruntime_vs_torch(bench_options: Any, bench_bundle: Any, open_se
             f"{m['onnxruntime/default']:.1f} / {m['onnxruntime/1']:.1f} ms -> best vs best "
             f"{best_ratio(m):.2f}x on medians, {ratio[call]:.2f}x on fastest runs")
         record_property(f"ratio_{call}", ratio[call])
-    targets.check(
-        Target("cpu b1 backend: ONNX Runtime FP32 vs torch eager FP32 (fastest runs)",
-               goal=CPU_RATIO_TARGET, measured=ratio["backend"], unit="x", speed=True,
-               gate=CPU_RATIO_GATE),
-        detail=f"Bare backend call, best thread setting of each; fastest of "
-               f"{blocks * per_block} runs, ms {fastest['backend']}; medians "
-               f"{medians['backend']}. End-to-end predict: {ratio['predict']:.2f}x")
+    detail = (f"Bare backend call; fastest of {blocks * per_block} runs, ms "
+              f"{fastest['backend']}; medians {medians['backend']}. End-to-end predict: "
+              f"{ratio['predict']:.2f}x")
+    targets.check(Target("cpu b1 backend: ONNX Runtime FP32 vs torch eager FP32, best threads",
+                         goal=CPU_RATIO_TARGET, measured=ratio["backend"], unit="x",
+                         speed=True), detail=detail)
+    one = fastest["backend"]["torch/1"] / fastest["backend"]["onnxruntime/1"]
+    targets.check(Target("cpu b1 backend: ONNX Runtime FP32 vs torch eager FP32, one thread",
+                         goal=CPU_RATIO_TARGET, measured=one, unit="x", speed=True,
+                         gate=CPU_RATIO_GATE), detail=detail)
