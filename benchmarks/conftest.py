@@ -17,7 +17,9 @@ Options:
 
 Every backend/precision of the device is a parameter ("route"); one that cannot run here (no
 TensorRT engine in the bundle, no onnxruntime-gpu) is skipped with the reason, except the
-routes the device must have (CPU: ONNX Runtime FP32/FP16 and torch FP32), which fail instead.
+routes the device must have (CPU: ONNX Runtime FP32/FP16/INT8 and torch FP32), which fail
+instead. The default bundle has INT8 graphs (`export.onnx --int8`); a --bundle without them
+fails the INT8 route: export it with --int8.
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ class Route(NamedTuple):
 
 REFERENCE = Route("torch", "fp32")  # PyTorch eager FP32: every comparison's baseline
 ROUTES = {
-    "cpu": (Route("torch", "fp32"), Route("onnxruntime", "fp32"), Route("onnxruntime", "fp16")),
+    "cpu": (Route("torch", "fp32"), Route("onnxruntime", "fp32"), Route("onnxruntime", "fp16"),
+            Route("onnxruntime", "int8")),
     "cuda": (Route("torch", "fp32"), Route("torch", "fp16"), Route("onnxruntime", "fp32"),
              Route("onnxruntime", "fp16"), Route("tensorrt", "fp16")),
 }
 REQUIRED = {"cpu": set(ROUTES["cpu"]), "cuda": {Route("torch", "fp32"), Route("torch", "fp16")}}
+# A random-init model's Pred-All labels are near-ties, so INT8 flips more of them than on a
+# trained one; its export check uses this bar (a trained model's: export.int8.MIN_AGREEMENT).
+RANDOM_INIT_INT8_AGREEMENT = 0.9
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
 
 
@@ -180,15 +186,17 @@ def bench_bundle(bench_options: BenchOptions, tmp_path_factory: pytest.TempPathF
     if opts.checkpoint is not None:
         if not opts.checkpoint.is_file():
             raise FileNotFoundError(f"--ckpt {opts.checkpoint} does not exist")
-        built = build_bundle(out, checkpoint=opts.checkpoint,
-                             fast=FAST_BATCHES, slots=FAST_SLOTS)
+        built = build_bundle(out, checkpoint=opts.checkpoint, fast=FAST_BATCHES,
+                             slots=FAST_SLOTS, int8=True)
         source = f"trained {opts.checkpoint}"
     elif demo.is_file():
-        built = build_bundle(out, checkpoint=demo, fast=FAST_BATCHES, slots=FAST_SLOTS)
+        built = build_bundle(out, checkpoint=demo, fast=FAST_BATCHES, slots=FAST_SLOTS,
+                             int8=True)
         source = f"trained {DEMO_CHECKPOINT}"
     else:
         built = build_bundle(out, config="tiny", vocab=synthparts_vocabulary(), check_batch=1,
-                             fast=FAST_BATCHES, slots=FAST_SLOTS)
+                             fast=FAST_BATCHES, slots=FAST_SLOTS, int8=True,
+                             int8_min_agreement=RANDOM_INIT_INT8_AGREEMENT)
         source = "random-init tiny"
     return BenchBundle(out, built.checkpoint, source)
 

@@ -1,8 +1,10 @@
-"""End-to-end `predict` at the reference size on the CPU (issue "The GPU fast path"): random-init
-ViT-B/16 @352, Pascal-Part-116, one 640x480 uint8 frame, batch 1, FP32, every route in
-alternation (torch eager, ONNX Runtime exact / label-map graph / fast slot graph).
+"""End-to-end `predict` at the reference size on the CPU: random-init ViT-B/16 @352,
+Pascal-Part-116, one 640x480 uint8 frame, batch 1 (and with --batch8 a batch of 8), every route
+in alternation (torch eager FP32, ONNX Runtime exact / label-map graph / fast slot graph in
+FP32, and with --int8 the same ONNX Runtime routes in INT8).
 
-    python -m benchmarks.reference_cpu --out /tmp/refb --runs 3      # ~10 min on 2 cores
+    python -m benchmarks.reference_cpu --out /tmp/refb --runs 3           # ~10 min on 2 cores
+    python -m benchmarks.reference_cpu --out /tmp/refb --runs 3 --int8    # + INT8 routes
 
 Writes OUT/reference_cpu.json (medians in ms and the speed-up of each route over torch).
 """
@@ -33,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bundles/reference_cpu", help="work folder (bundle, JSON)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per route (alternating)")
+    p.add_argument("--int8", action="store_true", help="also the INT8 graphs (export --int8)")
+    p.add_argument("--int8-method", choices=["static", "dynamic"], help="INT8 method "
+                   "(default: export's)")
+    p.add_argument("--batch8", action="store_true", help="also a batch of 8 frames")
+    p.add_argument("--reuse", action="store_true", help="time the bundle already in OUT/bundle "
+                   "(with INT8 graphs if --int8) instead of exporting it again")
     return p
 
 
@@ -43,33 +51,60 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     from benchmarks.reference import build_bundle
     from runtime import Segmenter
+    from runtime.bundle import read_manifest
 
     out = Path(a.out)
-    built = build_bundle(out / "bundle", config="vit_b16", fp16=False, check_batch=1, fast=(1,),
-                         slots=SLOTS)
-    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    # Random weights: latency only. Their labels are near-ties that INT8 flips by the percent,
+    # so export's agreement check is recorded (int8_parity), not enforced. One fast graph, for
+    # batch 1: a batch of 8 runs through it 8 times (calibrating a batch-8 ViT-B/16 graph keeps
+    # every attention map of 8 images and ran out of 24 GB, 2026-12-06).
     b = out / "bundle"
-    segs = {"torch": Segmenter.load(b, backend="torch", checkpoint=built.checkpoint),
+    old = read_manifest(b) if (b / "manifest.json").is_file() and a.reuse else None
+    if old is not None and (not a.int8 or "int8" in old.precisions):
+        checkpoint, manifest = Path(old.checkpoint.path), old
+    else:
+        built = build_bundle(b, config="vit_b16", fp16=False, check_batch=1, fast=(1,),
+                             slots=SLOTS, int8=a.int8, int8_method=a.int8_method,
+                             int8_min_agreement=0.0)
+        checkpoint, manifest = built.checkpoint, built.manifest
+    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    segs = {"torch": Segmenter.load(b, backend="torch", checkpoint=checkpoint),
             "ort-exact": Segmenter.load(b, backend="onnxruntime"),
             "ort-labels": Segmenter.load(b, backend="onnxruntime", fast_labels=True,
                                          slots=False),
             "ort-fast": Segmenter.load(b, backend="onnxruntime", fast_labels=True, slots=True)}
-    for seg in segs.values():
-        seg.predict(frame)  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in segs}
-    for _ in range(a.runs):
-        for name, seg in segs.items():
-            t = time.perf_counter()
-            seg.predict(frame)
-            times[name].append(1e3 * (time.perf_counter() - t))
-    ms = {k: float(np.median(v)) for k, v in times.items()}
+    if a.int8:
+        segs.update({
+            "ort-exact-int8": Segmenter.load(b, backend="onnxruntime", precision="int8"),
+            "ort-labels-int8": Segmenter.load(b, backend="onnxruntime", precision="int8",
+                                              fast_labels=True, slots=False),
+            "ort-fast-int8": Segmenter.load(b, backend="onnxruntime", precision="int8",
+                                            fast_labels=True, slots=True)})
     record = {"date": _dt.date.today().isoformat(), "runs": a.runs,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "onnxruntime": onnxruntime.__version__},
-              "threads": torch.get_num_threads(), "ms": ms,
-              "vs_torch": {k: ms["torch"] / v for k, v in ms.items()}}
-    atomic_write_text(out / "reference_cpu.json", json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record["vs_torch"], indent=1))
+              "threads": torch.get_num_threads()}
+    for batch in (1, 8) if a.batch8 else (1,):
+        frames = [frame] * batch
+        for seg in segs.values():
+            seg.predict_batch(frames)  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in segs}
+        for _ in range(a.runs):
+            for name, seg in segs.items():
+                t = time.perf_counter()
+                seg.predict_batch(frames)
+                times[name].append(1e3 * (time.perf_counter() - t))
+        ms = {k: float(np.median(v)) for k, v in times.items()}
+        record[f"b{batch}"] = {"ms": ms, "vs_torch": {k: ms["torch"] / v for k, v in ms.items()}}
+        if a.int8:
+            record[f"b{batch}"]["int8_vs_fp32"] = {
+                k: ms[k.replace("-int8", "")] / ms[k] for k in ms if k.endswith("-int8")}
+            record["int8_parity"] = {k: v for k, v in manifest.onnx.parity.items()
+                                     if k.startswith("int8")}
+        # After every batch: a later one may not fit in memory (b8 at this size peaked at
+        # 24 GB with every route loaded, 2026-12-06).
+        atomic_write_text(out / "reference_cpu.json", json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k.startswith("b")}, indent=1))
     return 0
 
 

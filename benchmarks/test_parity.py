@@ -6,6 +6,9 @@ torch FP32 reference backend on the same samples:
   FP32: |d mIoU| <= 0.05 pt on seen, unseen and h-IoU, both settings.
   FP16: |d mIoU| <= 0.3 pt, and pixel agreement >= 99.5% (Pred-All: every pixel; Oracle-Obj:
         the object mask's pixels).
+  INT8: |d mIoU| <= 1.0 pt and pixel agreement >= 99%, on a trained model only: a random-init
+        model's labels are near-ties that INT8 flips by the percent, so there its row is
+        reported and the test skips with that reason.
 Pixel agreement is reported for every route. A random-init model scores a near-zero mIoU, which
 makes the mIoU deltas a weak check: `partclipseg demo` first (demo/run/best.pt is then used) or
 pass --ckpt / --bundle of a trained SynthParts model.
@@ -22,8 +25,8 @@ from benchmarks.parity import EvalRun, compare, evaluate_segmenter
 from benchmarks.targets import Target, TargetBook
 
 SETTINGS = ("oracle-obj", "pred-all")
-MAX_DELTA = {"fp32": 0.05, "fp16": 0.3}  # |d mIoU| in percentage points
-MIN_AGREEMENT = {"fp16": 0.995}          # share of equal labels
+MAX_DELTA = {"fp32": 0.05, "fp16": 0.3, "int8": 1.0}  # |d mIoU| in percentage points
+MIN_AGREEMENT = {"fp16": 0.995, "int8": 0.99}         # share of equal labels
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +65,7 @@ def test_reference_is_sane(evaluations: Any, bench_bundle: BenchBundle,
 @versus_reference
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_parity(route: Route, setting: str, evaluations: Any, bench_report: BenchReport,
-                targets: TargetBook, record_property: Any) -> None:
+                targets: TargetBook, record_property: Any, bench_bundle: BenchBundle) -> None:
     """mIoU (seen / unseen / h) within tolerance of torch FP32; FP16 label agreement."""
     ours, ref = evaluations(route, setting), evaluations(REFERENCE, setting)
     c = compare(ours, ref)
@@ -72,6 +75,9 @@ def test_parity(route: Route, setting: str, evaluations: Any, bench_report: Benc
         f"{100 * c.agreement:.3f}% (labeled px {100 * c.agreement_labeled:.3f}%)")
     record_property("delta_pt", c.delta)
     record_property("agreement", c.agreement)
+    if route.precision == "int8" and bench_bundle.source.startswith("random-init"):
+        pytest.skip("INT8 parity targets apply to a trained model: run `partclipseg demo` "
+                    "first, or pass --ckpt (the row above is reported)")
     # NaN (an mIoU defined for one side only) fails too.
     targets.check(Target(f"parity {route.id} {setting}: max |dmIoU| vs torch-fp32",
                          goal=MAX_DELTA[route.precision], measured=c.max_abs_delta(),

@@ -64,6 +64,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                 fast: Sequence[int] | None = None, slots: dict[str, int] | None = None,
                 check_batch: int = 2,
                 fp32_tolerance: float = FP32_TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE,
+                int8: bool = False, calibration: str | Path | None = None,
+                int8_method: str | None = None, int8_min_agreement: float | None = None
                 ) -> Any:
     """Write a bundle for checkpoint `ckpt` to folder `out`; returns its `runtime.bundle.Manifest`.
 
@@ -74,8 +76,13 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     fast: batch sizes of fast slot graphs to write (`export.fast`: every dimension static, the
         vocabulary in zero-padded slots sized by `slots` {"max_parts", "max_objects",
         "max_classes"}, default `export.fast.DEFAULT_SLOTS`); None: none.
+    int8: also write the INT8 twin of every FP32 graph (`export.int8`, for CPUs), calibrated on
+        `calibration` (a folder of images; default: the checkpoint's training images) and
+        checked against the FP32 graph on held-out images (Pred-All labels equal on at least
+        `int8_min_agreement` of the pixels, default `export.int8.MIN_AGREEMENT`). int8_method:
+        "static" (default, `export.int8.DEFAULT_METHOD`) or "dynamic".
     Raises ExportError when a graph disagrees with PyTorch beyond the tolerances (relative L2
-    of the logits on `check_batch` fresh random images).
+    of the logits on `check_batch` fresh random images), or an INT8 graph with its FP32 one.
     """
     import torch
 
@@ -96,7 +103,11 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         raise ValueError(f"image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
     t_start = time.perf_counter()
     ckpt = Path(ckpt)
-    model, vocab, _record = load_model(ckpt)
+    model, vocab, record = load_model(ckpt)
+    if int8:  # find the calibration images before anything is exported
+        from .int8 import calibration_images
+
+        int8_images = calibration_images(calibration, record.get("train_config") or {})
     if image_size and image_size != model.cfg.image_size:
         patch = model.cfg.patch_size
         if image_size % patch:
@@ -168,6 +179,20 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                 model, stage, arrays, fast, **{**DEFAULT_SLOTS, **(slots or {})}, opset=opset,
                 fp16=fp16, image_dtype=image_dtype, log=_log)
             files.update(fast_files)
+        precisions = ("fp32", "fp16") if fp16 else ("fp32",)
+        if int8:
+            from .int8 import DEFAULT_METHOD, write_int8_graphs
+
+            try:
+                int8_files, int8_parity = write_int8_graphs(
+                    stage, files, arrays, {n: t for n, t in inputs.items() if n != spec.IMAGE},
+                    vocab.class_objects, int8_images, size, image_dtype, fast_info,
+                    int8_method or DEFAULT_METHOD, min_agreement=int8_min_agreement, log=_log)
+            except ValueError as e:
+                raise ExportError(str(e)) from e
+            files.update(int8_files)
+            parities.update(int8_parity)
+            precisions += ("int8",)
         outputs = dict(logits_graph.output_specs())
         if labels:
             outputs.update(DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True).output_specs())
@@ -178,7 +203,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             model_config=model.cfg.to_dict(),
             checkpoint=spec.CheckpointRef(str(ckpt.absolute()), file_sha256(ckpt)),
             onnx=spec.OnnxInfo(opset, tuple(FP16_KEEP_FP32), parities),
-            precisions=("fp32", "fp16") if fp16 else ("fp32",), producer=_versions(),
+            precisions=precisions, producer=_versions(),
             fast=fast_info,
             text=text_info,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -207,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=48, help="fast graphs: object slots (48)")
     p.add_argument("--max-classes", type=int, default=240,
                    help="fast graphs: class slots (240; Pascal-Part-116 and ADE20K-Part-234 fit)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write INT8 graphs for CPUs (calibrated, checked against FP32)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="--int8: folder of calibration images (default: the checkpoint's "
+                   "training images)")
+    p.add_argument("--int8-method", choices=["static", "dynamic"],
+                   help="--int8: calibrated static QDQ (default) or dynamic quantization")
+    p.add_argument("--int8-min-agreement", type=float, metavar="SHARE",
+                   help="--int8: least share of Pred-All labels equal to FP32's (default 0.99)")
     p.add_argument("--fp32-tolerance", type=float, default=FP32_TOLERANCE)
     p.add_argument("--fp16-tolerance", type=float, default=FP16_TOLERANCE)
     return p
@@ -223,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     image_dtype=a.image_dtype, fp16=not a.no_fp16, labels=a.labels,
                     fast=a.fast, slots={"max_parts": a.max_parts, "max_objects": a.max_objects,
                                         "max_classes": a.max_classes},
-                    fp32_tolerance=a.fp32_tolerance, fp16_tolerance=a.fp16_tolerance)
+                    fp32_tolerance=a.fp32_tolerance, fp16_tolerance=a.fp16_tolerance,
+                    int8=a.int8, calibration=a.calibration, int8_method=a.int8_method,
+                    int8_min_agreement=a.int8_min_agreement)
         _log(f"bundle: {out.absolute()}")
         return 0
     return run_command("export.onnx", body)

@@ -26,8 +26,8 @@ from runtime.io import atomic_write_text
 __all__ = ["deployment_report", "format_report", "build_parser", "main"]
 
 CANDIDATES = (("torch", "cpu", "fp32"), ("onnxruntime", "cpu", "fp32"),
-              ("onnxruntime", "cpu", "fp16"), ("onnxruntime", "cuda", "fp16"),
-              ("tensorrt", "cuda", "fp16"))
+              ("onnxruntime", "cpu", "fp16"), ("onnxruntime", "cpu", "int8"),
+              ("onnxruntime", "cuda", "fp16"), ("tensorrt", "cuda", "fp16"))
 EXACT = "onnxruntime:cpu:fp32"  # the fast slot graphs' labels are compared with this row's
 
 

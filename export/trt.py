@@ -218,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest class / part / object count of the profile (default 128)")
     p.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB")
     p.add_argument("--timing-cache", help="timing cache file (default BUNDLE/timing.cache)")
-    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
-                   help="which ONNX graph to build (default fp16)")
+    p.add_argument("--precision", choices=["fp16", "fp32", "int8"], default="fp16",
+                   help="which ONNX graph to build (default fp16; int8: the explicit Q/DQ graph "
+                   "of export.onnx --int8)")
     p.add_argument("--fast", action="store_true",
                    help="build one engine per fast slot graph (static profiles) instead")
     p.add_argument("--flavour", choices=["tensorrt", "tensorrt_rtx"],

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")
     d.add_argument("--steps", type=_positive, help="training steps (default: the config's)")
     d.add_argument("--config", default="synthparts_tiny")
+    d.add_argument("--int8-min-agreement", type=float, metavar="SHARE",
+                   help="least share of the INT8 graphs' labels equal to FP32's (default 0.99; "
+                   "lower it for a model trained a few steps)")
 
     from runtime.predict import add_arguments as add_predict_arguments
 
@@ -177,7 +180,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(a.out), config=a.config, steps=a.steps)
+    run_demo(Path(a.out), config=a.config, steps=a.steps,
+             int8_min_agreement=a.int8_min_agreement)
     return 0
 
 

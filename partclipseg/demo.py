@@ -1,9 +1,10 @@
 """`partclipseg demo`: the whole pipeline on SynthParts, minutes on a CPU.
 
 SynthParts -> train the tiny model -> evaluate (PyTorch) -> export an ONNX bundle (with its
-fast slot graphs) -> run it through the runtime (ONNX Runtime FP32 / FP16 and the fast graphs vs
-PyTorch: mIoU parity, pixel agreement, latency; the fast graphs' labels must equal the exact
-path's) -> overlay pictures from the deployed model -> one results table.
+fast slot graphs and INT8 graphs calibrated on the training images) -> run it through the
+runtime (ONNX Runtime FP32 / FP16 / INT8 and the fast graphs vs PyTorch: mIoU parity, pixel
+agreement, latency; the fast graphs' labels must equal the exact path's) -> overlay pictures
+from the deployed model -> one results table.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ def _row(name: str, m: dict[str, Any]) -> str:
 
 
 def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = None,
-             deploy_samples: int = 60) -> dict:
-    """Run every stage into `out`; returns the summary written to out/summary.json."""
+             deploy_samples: int = 60, int8_min_agreement: float | None = None) -> dict:
+    """Run every stage into `out`; returns the summary written to out/summary.json.
+
+    int8_min_agreement: the INT8 graphs' least share of labels equal to FP32's (default
+    `export.int8.MIN_AGREEMENT`); a model trained for a few steps, whose labels are near-ties,
+    needs a lower one."""
     import torch
 
     from export.onnx import export_onnx
@@ -104,10 +109,11 @@ def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = Non
     del model
     stage("eval", t)
 
-    print(f"[4/6] exporting {out / 'bundle'} (ONNX FP32 + FP16, fast slot graphs, text side "
-          "precomputed)")
+    print(f"[4/6] exporting {out / 'bundle'} (ONNX FP32 + FP16 + INT8, fast slot graphs, text "
+          "side precomputed)")
     t = time.perf_counter()
-    export_onnx(ckpt, out / "bundle", fast=FAST_BATCHES, slots=FAST_SLOTS)
+    export_onnx(ckpt, out / "bundle", fast=FAST_BATCHES, slots=FAST_SLOTS, int8=True,
+                int8_min_agreement=int8_min_agreement)
     stage("export", t)
 
     print(f"[5/6] runtime: every backend vs PyTorch on {deploy_samples} val images (Pred-All)")

@@ -4,6 +4,8 @@ A bundle folder holds
   manifest.json     this module's schema (FORMAT, FORMAT_VERSION)
   vocab.npz         the precomputed text side: one array per vocabulary input below
   model.onnx        FP32 graph       model_fp16.onnx   FP16 graph   (names: `graph_file`)
+  model_int8.onnx   INT8 graph for CPUs (export --int8), optional, with its label-map and
+                    fast versions
   model_labels.onnx, model_fp16_labels.onnx  label-map graphs (export --labels), optional
   model.engine      TensorRT FP16 engine (+ timing.cache), optional
   tokenizer.json, text.onnx, text_head.npz   the text side: new class names at run time
@@ -75,7 +77,7 @@ OBJECT_VALID, CLASS_VALID = "object_valid", "class_valid"
 
 MODES = ("partclipseg", "clipseg", "colour_blind")
 IMAGE_DTYPES = ("uint8", "float32")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: CPU graphs (`export.onnx --int8`)
 AXES = {"part": "P", "object": "O", "class": "K"}  # vocabulary axis -> its shape symbol
 
 
@@ -92,7 +94,7 @@ def graph_file(precision: str, labels: bool = False, fast_batch: int | None = No
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     suffix = f"_fast_b{int(fast_batch)}" if fast_batch else ("_labels" if labels else "")
-    name = "model" + ("_fp16" if precision == "fp16" else "") + suffix + ".onnx"
+    name = "model" + ("" if precision == "fp32" else f"_{precision}") + suffix + ".onnx"
     return f"onnx_{precision}{suffix}", name
 
 

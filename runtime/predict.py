@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto",
                    choices=["auto", "tensorrt", "onnxruntime", "torch"])
     p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--precision", choices=["fp16", "fp32"])
+    p.add_argument("--precision", choices=["fp16", "fp32", "int8"],
+                   help="graph precision (default: fp16 on CUDA, fp32 on the CPU; int8: the "
+                   "bundle's INT8 graphs, CPU)")
     return p
 
 

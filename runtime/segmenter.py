@@ -96,7 +96,10 @@ class Segmenter:
             CPU; logs what it picked), "tensorrt", "onnxruntime" or "torch" (reference; needs the
             checkpoint: `checkpoint=` or the path recorded at export).
         device: "cuda" or "cpu" (default: cuda when the backend can use it).
-        precision: "fp16" or "fp32" (default: fp16 on cuda, fp32 on cpu; an engine's is fixed).
+        precision: "fp16", "fp32" or "int8" (default: fp16 on cuda, fp32 on cpu; an engine's is
+            fixed). "int8" runs the bundle's INT8 graphs (`export.onnx --int8`) on the CPU; it
+            is never picked by default, since its labels differ from FP32's on up to 1% of
+            pixels (export checks >= 99% agreement): ask for it.
         max_classes: split larger vocabularies into chunks of at most this many classes (the
             TensorRT backend caps it at the engine's profile).
         fast_labels: run the bundle's label-map graph (`export.onnx --labels`): Pred-All in the
@@ -109,8 +112,8 @@ class Segmenter:
         """
         if device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if precision not in (None, "fp16", "fp32"):
-            raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+        if precision not in (None, *spec.PRECISIONS):
+            raise ValueError(f"precision must be one of {spec.PRECISIONS}, got {precision!r}")
         if backend != "auto":
             backend_class(backend)  # unknown names fail before any file is read
         manifest = spec.read_manifest(bundle)

@@ -72,8 +72,11 @@ class SlotGraphs:
     @classmethod
     def open(cls, manifest: Manifest, options: BackendOptions) -> "SlotGraphs":
         device = options.device or "cpu"
-        return cls(manifest, device, options.threads,
-                   default_precision(device, options.precision))
+        precision = default_precision(device, options.precision)
+        if precision not in manifest.precisions:
+            raise BundleError(f"{manifest.root} has no {precision} graphs; export them with "
+                              "python -m export.onnx" + (" --int8" if precision == "int8" else ""))
+        return cls(manifest, device, options.threads, precision)
 
     def __init__(self, manifest: Manifest, device: str, threads: int | None, precision: str):
         self.fast, self.specs = manifest.fast, manifest.vocab_inputs

@@ -53,6 +53,9 @@ class TorchBackend:
         if expected_sha256 and file_sha256(checkpoint) != expected_sha256:
             raise BundleError(f"{checkpoint} is not the checkpoint this bundle was exported "
                               "from (SHA-256 differs); pass checkpoint= the right file")
+        if precision == "int8":
+            raise ValueError("the torch backend runs fp32 (and fp16 on CUDA); INT8 is the ONNX "
+                             "Runtime backend's (precision='int8')")
         if precision == "fp16" and device == "cpu":
             raise ValueError("the torch backend runs fp16 on CUDA only; use precision='fp32'")
         model, _, _ = load_model(checkpoint, map_location=device)

@@ -17,7 +17,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
                    "model_overrides: {pretrained: synthparts_tiny_grey.pt, colour_blind: true}\n"
                    "steps: 2\nbatch_size: 2\neval_every: 2\nnum_workers: 0\nlr: 1.0e-3\n")
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--config", str(cfg)]) == 0
+    # Two steps leave near-tie labels that INT8 flips by the percent: a lower bar for them.
+    assert main(["demo", "--out", str(out), "--config", str(cfg),
+                 "--int8-min-agreement", "0.9"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"oracle-obj", "pred-all"}
@@ -26,6 +28,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert rows["onnxruntime:cpu:fp32"]["pixel_agreement"] >= 0.999
     assert abs(rows["onnxruntime:cpu:fp32"]["d_miou_seen"]) <= 0.05
     assert rows["onnxruntime:cpu:fp32 fast slots"]["vs_exact"] >= 0.999  # the demo model's too
+    assert rows["onnxruntime:cpu:int8"]["pixel_agreement"] >= 0.9
     assert (out / "bundle" / "manifest.json").is_file() and (out / "run" / "best.pt").is_file()
     assert json.loads((out / "bundle" / "manifest.json").read_text())["mode"] == "colour_blind"
     assert len(list((out / "overlays").glob("*.png"))) == 4

@@ -148,7 +148,7 @@ def test_bad_arguments(tiny_bundle):
     with pytest.raises(ValueError, match="backend"):
         Segmenter.load(tiny_bundle, backend="tflite")
     with pytest.raises(ValueError, match="precision"):
-        Segmenter.load(tiny_bundle, precision="int8")
+        Segmenter.load(tiny_bundle, precision="int4")
 
 
 def test_tensorrt_backend_without_engine_is_explained(tiny_bundle):
