@@ -53,7 +53,7 @@ def write_text_side(model: Any, stage: Path, opset: int = 17) -> tuple[spec.Text
     PyTorch beyond TEXT_TOLERANCE on the model's own names."""
     import torch
 
-    from partclipseg.model.deploy import text_head_arrays
+    from partclipseg.model.deploy import text_head_arrays, text_recipe
     from runtime.text import TextEncoder
 
     from .bundle import write_vocab
@@ -80,7 +80,7 @@ def write_text_side(model: Any, stage: Path, opset: int = 17) -> tuple[spec.Text
         raise ValueError(f"the ONNX text tower disagrees with PyTorch (relative error {err:.2e}, "
                          f"tolerance {TEXT_TOLERANCE:.0e}); the bundle was not written")
     info = spec.TextInfo(model.text.context_length, int(ref.shape[1]),
-                         {"rel_error": err, "names": len(names)})
+                         {"rel_error": err, "names": len(names)}, **text_recipe(model))
     files = {"tokenizer": spec.TOKENIZER_FILE, "text_onnx": spec.TEXT_ONNX_FILE,
              "text_head": spec.TEXT_HEAD_FILE}
     return info, files

@@ -79,6 +79,7 @@ MODES = ("partclipseg", "clipseg", "colour_blind")
 IMAGE_DTYPES = ("uint8", "float32")
 PRECISIONS = ("fp32", "fp16", "int8")  # int8: CPU graphs (`export.onnx --int8`)
 AXES = {"part": "P", "object": "O", "class": "K"}  # vocabulary axis -> its shape symbol
+TEXT_CONDITIONS = ("classes", "parts_objects")  # `TextInfo.conditions`
 
 
 def axis_sizes(vocab: Vocabulary) -> dict[str, int]:
@@ -292,19 +293,33 @@ class TextInfo:
     "text_head" (npz: the text-only layers FiLM, FiLM', We and the background vector, which turn
     features into the graph's vocabulary inputs in numpy). `parity`: the ONNX text tower vs
     PyTorch on the bundle's own names, measured at export.
+
+    The text recipe, declared by the model's export wrapper (`text_recipe`), is what the
+    runtime's text side follows:
+      conditions: "classes" (one stage-1 condition per class name: CLIPSeg) or "parts_objects"
+          (generalized parts and objects, then stage 2's class embeddings: PartCLIPSeg);
+      object_words: object names are a colour word plus a body-plan word, each object's rows
+          made from its two words (SynthParts' colour-blind recipe).
     """
 
     context_length: int
     embed_dim: int
     parity: Mapping[str, Any] = field(default_factory=dict)
+    conditions: str = "parts_objects"
+    object_words: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"context_length": self.context_length, "embed_dim": self.embed_dim,
-                "parity": dict(self.parity)}
+                "parity": dict(self.parity), "conditions": self.conditions,
+                "object_words": self.object_words}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TextInfo":
-        return cls(int(d["context_length"]), int(d["embed_dim"]), dict(d.get("parity", {})))
+        conditions = str(d.get("conditions", "parts_objects"))
+        if conditions not in TEXT_CONDITIONS:
+            raise ValueError(f"text conditions {conditions!r} (known: {TEXT_CONDITIONS})")
+        return cls(int(d["context_length"]), int(d["embed_dim"]), dict(d.get("parity", {})),
+                   conditions, bool(d.get("object_words", False)))
 
 
 # -- the manifest ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """New class names at run time, without torch: tokenizer + ONNX text tower + numpy text layers.
 
     text = TextSide.open(manifest)              # a bundle exported with its text side
-    arrays = text.vocab_arrays(vocab, mode)     # the graph's vocabulary inputs, as export.vocab
+    arrays = text.vocab_arrays(vocab)           # the graph's vocabulary inputs, as export.vocab
 
 Token ids are open_clip's: its clean-up (ftfy, HTML unescape twice, whitespace collapsed, lower
 case) here, then its BPE through Hugging Face `tokenizers` (`tokenizer.json`, written by
@@ -25,7 +25,7 @@ from .bundle import BundleError
 from .vocabulary import ObjectWords, Vocabulary, VocabularyError
 
 if TYPE_CHECKING:
-    from .bundle import Manifest
+    from .bundle import Manifest, TextInfo
 
 __all__ = ["TextEncoder", "TextSide", "clean_name", "CLIP_SPLIT_PATTERN", "START_OF_TEXT",
            "END_OF_TEXT", "HEAD_ARRAYS"]
@@ -34,13 +34,12 @@ START_OF_TEXT, END_OF_TEXT = "<start_of_text>", "<end_of_text>"
 # open_clip's SimpleTokenizer pattern (special tokens first, as open_clip's alternation has).
 CLIP_SPLIT_PATTERN = (START_OF_TEXT + "|" + END_OF_TEXT +
                       r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
-# text_head.npz: FiLM (rows D, from E), the background embedding (1, E), and for partclipseg
-# We (E, 2E) and FiLM' (D, E).
-HEAD_ARRAYS = {"clipseg": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b", "background"),
-               "partclipseg": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b",
-                               "background", "embed_mix_w", "embed_mix_b", "film2_mul_w",
-                               "film2_mul_b", "film2_add_w", "film2_add_b")}
-HEAD_ARRAYS["colour_blind"] = HEAD_ARRAYS["partclipseg"]
+# text_head.npz per `TextInfo.conditions`: FiLM (rows D, from E), the background embedding
+# (1, E), and with parts and objects We (E, 2E) and FiLM' (D, E).
+HEAD_ARRAYS = {"classes": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b", "background"),
+               "parts_objects": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b",
+                                 "background", "embed_mix_w", "embed_mix_b", "film2_mul_w",
+                                 "film2_mul_b", "film2_add_w", "film2_add_b")}
 
 
 def clean_name(name: str) -> str:
@@ -123,8 +122,8 @@ class TextEncoder:
 class TextSide:
     """A bundle's text encoder plus its text-only layers: vocabularies -> graph inputs."""
 
-    def __init__(self, encoder: TextEncoder, head: dict[str, np.ndarray], mode: str):
-        self.encoder, self.head, self.mode = encoder, head, mode
+    def __init__(self, encoder: TextEncoder, head: dict[str, np.ndarray], info: "TextInfo"):
+        self.encoder, self.head, self.info = encoder, head, info
 
     @classmethod
     def open(cls, manifest: "Manifest", threads: int | None = None) -> "TextSide":
@@ -143,10 +142,10 @@ class TextSide:
         except Exception as e:
             raise BundleError(f"{path} is corrupt ({type(e).__name__}: {e}); re-export the "
                               "bundle") from e
-        missing = [k for k in HEAD_ARRAYS[manifest.mode] if k not in head]
+        missing = [k for k in HEAD_ARRAYS[manifest.text.conditions] if k not in head]
         if missing:
             raise BundleError(f"{path} lacks {missing}; re-export the bundle")
-        return cls(encoder, head, manifest.mode)
+        return cls(encoder, head, manifest.text)
 
     def _film(self, e: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         h = self.head
@@ -159,12 +158,12 @@ class TextSide:
         if vocab.num_classes == 0:
             raise VocabularyError("the vocabulary is empty")
         bg = self.head["background"]
-        if self.mode == "clipseg":
+        if self.info.conditions == "classes":
             e = np.concatenate([self.encoder.encode(vocab.class_names), bg])
             mul, add = self._film(e, "film")
             return {spec.OBJECT_FILM[0]: mul, spec.OBJECT_FILM[1]: add}
         p, arrays = len(vocab.parts), {}
-        if self.mode == "colour_blind":  # SynthParts' recipe: an object = colour + body plan
+        if self.info.object_words:  # SynthParts' recipe: an object = colour + body plan
             words = ObjectWords.split(vocab.objects)
             e_words = self.encoder.encode(list(words.words))
             c = len(words.colours)

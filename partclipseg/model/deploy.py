@@ -30,8 +30,8 @@ from .partclipseg import Conditioning, PartCLIPSeg
 from runtime import bundle as spec
 from runtime.vocabulary import Vocabulary
 
-__all__ = ["DeployModel", "vocab_arrays", "text_head_arrays", "example_inputs", "deploy_mode",
-           "CLASS_CHUNK"]
+__all__ = ["DeployModel", "vocab_arrays", "text_head_arrays", "text_recipe", "example_inputs",
+           "deploy_mode", "CLASS_CHUNK"]
 
 # Fast graphs: stage-2 classes per chunk of the fused tail (peak class maps: B x 16 x S x S).
 CLASS_CHUNK = 16
@@ -255,6 +255,13 @@ def vocab_arrays(model: PartCLIPSeg, vocab: Vocabulary) -> dict[str, np.ndarray]
                 spec.CLASS_INDEX[0]: cond.class_part.cpu().numpy().astype(np.int64),
                 spec.CLASS_INDEX[1]: cond.class_object.cpu().numpy().astype(np.int64)})
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def text_recipe(model: PartCLIPSeg) -> dict[str, Any]:
+    """How the runtime's text side turns names into `vocab_arrays` for this model
+    (`runtime.bundle.TextInfo`: conditions, object_words)."""
+    return {"conditions": "classes" if model.cfg.mode == "clipseg" else "parts_objects",
+            "object_words": bool(model.cfg.colour_blind)}
 
 
 def text_head_arrays(model: PartCLIPSeg) -> dict[str, np.ndarray]:
