@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-method", choices=["static", "dynamic"], help="INT8 method "
                    "(default: export's)")
     p.add_argument("--batch8", action="store_true", help="also a batch of 8 frames")
+    p.add_argument("--routes", nargs="+", metavar="ROUTE",
+                   help="time only these routes besides torch (e.g. ort-labels "
+                   "ort-labels-int8: fewer sessions for batch 8 at this size)")
     p.add_argument("--reuse", action="store_true", help="time the bundle already in OUT/bundle "
                    "(with INT8 graphs if --int8) instead of exporting it again")
     return p
@@ -68,18 +71,18 @@ def _main(argv: Sequence[str] | None = None) -> int:
                              int8_min_agreement=0.0)
         checkpoint, manifest = built.checkpoint, built.manifest
     frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    segs = {"torch": Segmenter.load(b, backend="torch", checkpoint=checkpoint),
-            "ort-exact": Segmenter.load(b, backend="onnxruntime"),
-            "ort-labels": Segmenter.load(b, backend="onnxruntime", fast_labels=True,
-                                         slots=False),
-            "ort-fast": Segmenter.load(b, backend="onnxruntime", fast_labels=True, slots=True)}
+    routes = {"torch": dict(backend="torch", checkpoint=checkpoint),
+              "ort-exact": dict(backend="onnxruntime"),
+              "ort-labels": dict(backend="onnxruntime", fast_labels=True, slots=False),
+              "ort-fast": dict(backend="onnxruntime", fast_labels=True, slots=True)}
     if a.int8:
-        segs.update({
-            "ort-exact-int8": Segmenter.load(b, backend="onnxruntime", precision="int8"),
-            "ort-labels-int8": Segmenter.load(b, backend="onnxruntime", precision="int8",
-                                              fast_labels=True, slots=False),
-            "ort-fast-int8": Segmenter.load(b, backend="onnxruntime", precision="int8",
-                                            fast_labels=True, slots=True)})
+        routes.update({f"{k}-int8": {**v, "precision": "int8"} for k, v in routes.items()
+                       if k != "torch"})
+    keep = set(a.routes or routes) | {"torch"}  # torch: every ratio's reference
+    unknown = keep - set(routes)
+    if unknown:
+        raise ValueError(f"--routes {sorted(unknown)}: known routes are {sorted(routes)}")
+    segs = {k: Segmenter.load(b, **v) for k, v in routes.items() if k in keep}
     record = {"date": _dt.date.today().isoformat(), "runs": a.runs,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "onnxruntime": onnxruntime.__version__},
@@ -98,7 +101,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         record[f"b{batch}"] = {"ms": ms, "vs_torch": {k: ms["torch"] / v for k, v in ms.items()}}
         if a.int8:
             record[f"b{batch}"]["int8_vs_fp32"] = {
-                k: ms[k.replace("-int8", "")] / ms[k] for k in ms if k.endswith("-int8")}
+                k: ms[k.replace("-int8", "")] / ms[k] for k in ms
+                if k.endswith("-int8") and k.replace("-int8", "") in ms}
             record["int8_parity"] = {k: v for k, v in manifest.onnx.parity.items()
                                      if k.startswith("int8")}
         # After every batch: a later one may not fit in memory (b8 at this size peaked at
