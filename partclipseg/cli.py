@@ -1,4 +1,5 @@
-"""`partclipseg` command line: synth, pretrain, train, eval, demo, predict, import-weights."""
+"""`partclipseg` command line: synth, pretrain, train, eval, demo, predict, serve,
+import-weights."""
 
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_arguments(sub.add_parser(
         "predict", help="segment images with an exported bundle (numpy + a backend; no torch)"))
+
+    from runtime.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser(
+        "serve", help="serve a bundle behind Triton Inference Server (HTTP, gRPC, dynamic "
+        "batching, metrics; the [serve] extra, no torch)"))
 
     w = sub.add_parser("import-weights", help="start from real weights: HF CLIPSeg or the "
                        "authors' released PartCLIPSeg checkpoint -> a partclipseg checkpoint")
@@ -219,8 +226,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from runtime.serve import run
+
+    return run(a)
+
+
 COMMANDS = {"synth": cmd_synth, "pretrain": cmd_pretrain, "train": cmd_train, "eval": cmd_eval,
-            "demo": cmd_demo, "predict": cmd_predict, "import-weights": cmd_import_weights}
+            "demo": cmd_demo, "predict": cmd_predict, "serve": cmd_serve,
+            "import-weights": cmd_import_weights}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -211,6 +211,7 @@ def test_the_check_catches_imports_in_functions_and_relative_imports(tmp_path):
 def test_runtime_imports_no_torch():
     assert_imports_none("import runtime, runtime.postprocess, runtime.preprocess, "
                         "runtime.vocabulary, runtime.segmenter, runtime.bundle, runtime.overlay, "
-                        "runtime.predict, runtime.text, runtime.io, runtime.errors, "
+                        "runtime.predict, runtime.serve, runtime.client, runtime.text, runtime.io, "
+                        "runtime.errors, "
                         "runtime.backends.onnxruntime, runtime.backends.tensorrt, "
                         "runtime.backends.torch", ("torch", "open_clip", "partclipseg"))
