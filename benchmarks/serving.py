@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import re
 import signal
@@ -214,8 +215,6 @@ def _machine() -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    import os
-
     return f"{name}, {os.cpu_count()} logical cores"
 
 
@@ -233,8 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     s = read_manifest(a.bundle).input_size
     frames = np.random.default_rng(0).integers(0, 256, (32, s, s, 3), dtype=np.uint8)
+    load_before = os.getloadavg()
     r = measure(a.bundle, frames, a.clients, a.max_batch, a.protocol, a.seconds)
     r = {"machine": _machine(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         # 1-minute load average before and after: other work on a shared machine shows here
+         "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
          "bundle": str(a.bundle), **r}
     for x in r["server"]:
         print(f"{x['clients']:3d} clients ({x['protocol']}): {x['frames_per_s']:7.1f} frames/s, "
