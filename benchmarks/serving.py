@@ -8,7 +8,8 @@ frames back to back for `seconds` after a warm-up; throughput is answered frames
 wall time, latency the client-side time of each request (send, queue, batch, answer). The
 server's mean batch comes from Triton's metrics (inferences / executions). The in-process
 baseline: `Segmenter.predict_batch` of `max_batch` frames (and `predict` of one), same bundle,
-backend and precision, timed with `benchmarks.timing.time_calls`. Clients and server share the
+backend and precision, timed with `benchmarks.timing.time_calls`. The largest client count and
+the baseline alternate in `rounds` blocks and the best of each is compared (see `measure`). Clients and server share the
 machine: on a small CPU the clients' own work (serialising frames, gRPC) is in the numbers.
 `benchmarks/test_serve.py` runs this on the benchmark bundle and checks the target.
 """
@@ -189,8 +190,12 @@ def in_process(segmenter: Any, frames: np.ndarray, batch: int) -> dict[str, floa
 def measure(bundle: str | Path, frames: np.ndarray, clients: Sequence[int] = (1, 4, 16),
             max_batch: int = 8, protocol: str = "grpc", seconds: float = 3.0,
             backend: str = "onnxruntime", device: str | None = None,
-            precision: str | None = None, log: Path | None = None) -> dict[str, Any]:
-    """Server loads at each client count, then the in-process baseline (server idle)."""
+            precision: str | None = None, rounds: int = 3, log: Path | None = None
+            ) -> dict[str, Any]:
+    """One load per client count; the largest count (the target's) in `rounds` blocks that
+    alternate with blocks of in-process `predict_batch` of `max_batch` frames, so both sides
+    see the same spells of other work on a shared machine; the ratio is best block / best
+    block. The in-process side runs while the server is idle (its process stays up)."""
     from runtime import Segmenter
 
     extra = ["--backend", backend, "--max-batch", str(max_batch), "--max-queue-delay-us", "2000"]
@@ -198,14 +203,23 @@ def measure(bundle: str | Path, frames: np.ndarray, clients: Sequence[int] = (1,
         extra += ["--device", device]
     if precision:
         extra += ["--precision", precision]
-    with start_server(bundle, extra, log) as server:
-        loads = [run_load(server, frames, n, protocol, seconds) for n in clients]
     seg = Segmenter.load(bundle, backend=backend, device=device, precision=precision)
-    base = {b: in_process(seg, frames, b) for b in sorted({1, max_batch})}
+    with start_server(bundle, extra, log) as server:
+        loads = [run_load(server, frames, n, protocol, seconds) for n in clients[:-1]]
+        top, base = [], []
+        for _ in range(rounds):
+            base.append(in_process(seg, frames, max_batch))
+            top.append(run_load(server, frames, clients[-1], protocol, seconds))
+        single = in_process(seg, frames, 1)
+    best = max(top, key=lambda x: x.frames_per_s)
+    best_base = max(base, key=lambda x: x["frames_per_s"])
     return {"protocol": protocol, "max_batch": max_batch, "max_queue_delay_us": 2000,
-            "backend": seg.backend_name, "input_size": seg.input_size,
-            "server": [asdict(x) for x in loads], "in_process": list(base.values()),
-            "ratio_at_most_clients": loads[-1].frames_per_s / base[max_batch]["frames_per_s"]}
+            "backend": seg.backend_name, "input_size": seg.input_size, "rounds": rounds,
+            "server": [asdict(x) for x in [*loads, best]],
+            "in_process": [single, best_base],
+            f"rounds_{clients[-1]}_clients": [asdict(x) for x in top],
+            f"rounds_in_process_b{max_batch}": base,
+            "ratio_at_most_clients": best.frames_per_s / best_base["frames_per_s"]}
 
 
 def _machine() -> str:
@@ -228,12 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     s = read_manifest(a.bundle).input_size
     frames = np.random.default_rng(0).integers(0, 256, (32, s, s, 3), dtype=np.uint8)
     load_before = os.getloadavg()
-    r = measure(a.bundle, frames, a.clients, a.max_batch, a.protocol, a.seconds)
+    r = measure(a.bundle, frames, a.clients, a.max_batch, a.protocol, a.seconds,
+                rounds=a.rounds)
     r = {"machine": _machine(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          # 1-minute load average before and after: other work on a shared machine shows here
          "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
