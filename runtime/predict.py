@@ -1,8 +1,18 @@
-"""`partclipseg predict --bundle B INPUTS... --out DIR` (also `python -m runtime.predict`).
+"""`partclipseg predict --bundle B SOURCE... --out DIR` (also `python -m runtime.predict`).
 
-Images: DIR/<stem>.png (image | prediction overlay | legend). Videos (.mp4, .mov, .avi, .mkv,
-.webm; decoded with PyAV): DIR/<stem>.mp4, the overlay of every frame, and DIR/<stem>.json, one
-record per frame. DIR/predictions.json: per input, per-class pixel counts and timing.
+SOURCE: an image (any format Pillow reads), a video file, a stream URL (udp://, tcp://,
+rtsp://, http(s)://, anything FFmpeg opens) or a camera (/dev/videoN).
+
+- Images: DIR/<stem>.png (image | prediction overlay | legend).
+- Videos, streams and cameras, all read at once (one reader thread each, their frames batched
+  through one Segmenter): DIR/<name>.mp4, the overlay of every processed frame at its own time,
+  and DIR/frames.jsonl, one JSON line per processed frame, flushed as it goes (source, frame,
+  pts, latency_ms, dropped, counts). Live sources drop frames to stay current (newest frame
+  wins, none older than --max-age-ms); a video file gives every frame unless --realtime.
+  A status line per source on stderr shows fps, latency p50/p99 and drops. Ctrl-C finishes
+  every output: the videos stay playable.
+- DIR/predictions.json: per SOURCE, per-class pixel counts (images) or a summary (videos).
+
 `--classes` / `--classes-file` may name classes the bundle was not exported with ("cup's
 handle"): the bundle's text side encodes them. Needs numpy, Pillow, a backend (and PyAV for
 video); never torch.
@@ -11,8 +21,10 @@ video); never torch.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,15 +33,14 @@ import numpy as np
 from .errors import run_command
 from .io import atomic_write, atomic_write_text
 
-__all__ = ["add_arguments", "run", "build_parser", "main", "VIDEO_SUFFIXES"]
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+__all__ = ["add_arguments", "run", "build_parser", "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The predict options, on `p` (this module's parser, or `partclipseg predict`'s)."""
-    p.add_argument("images", nargs="+", metavar="INPUT",
-                   help="image files (any format Pillow reads) or video files (PyAV)")
+    p.add_argument("inputs", nargs="+", metavar="SOURCE",
+                   help="image files, video files, stream URLs (udp://, rtsp://, ...) or "
+                   "cameras (/dev/videoN)")
     p.add_argument("--bundle", required=True, help="bundle folder written by export")
     p.add_argument("--out", required=True, help="output folder")
     names = p.add_mutually_exclusive_group()
@@ -44,6 +55,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp16", "fp32", "int8"],
                    help="graph precision (default: fp16 on CUDA, fp32 on the CPU; int8: the "
                    "bundle's INT8 graphs, CPU)")
+    v = p.add_argument_group("videos, streams and cameras")
+    v.add_argument("--max-frames", type=_positive, metavar="N",
+                   help="stop each video source after N processed frames (default: its end; "
+                   "a live stream runs until Ctrl-C)")
+    v.add_argument("--max-age-ms", type=float, default=500.0, metavar="MS",
+                   help="drop a live frame older than MS when the model is free (default 500)")
+    v.add_argument("--realtime", action="store_true",
+                   help="read video files as a camera delivers them: at their frame rate, "
+                   "newest frame wins (default: every frame, in order)")
+    v.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="FFmpeg input option for every video source, repeatable "
+                   "(video_size=640x480, input_format=mjpeg, rtsp_transport=tcp)")
     return p
 
 
@@ -52,11 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                  description=__doc__.splitlines()[0]))
 
 
+def _positive(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return n
+
+
+def _is_image(location: str) -> bool:
+    from PIL import Image
+
+    path = Path(location)
+    return path.is_file() and path.suffix.lower() in Image.registered_extensions()
+
+
 def run(a: argparse.Namespace) -> int:
-    """Segment `a.images` with `a.bundle`; user errors raise (see `main`)."""
+    """Segment `a.inputs` with `a.bundle`; user errors raise (see `main`)."""
     from .segmenter import Segmenter
+    from .stream import Source
     from .vocabulary import read_class_file
 
+    options = dict(_key_value(o) for o in a.source_option)
+    images = [x for x in a.inputs if _is_image(x)]
+    # Every video source is checked (a missing file, a bad URL) before the model loads.
+    videos = [Source(x, options=options, live=True if a.realtime else None)
+              for x in a.inputs if x not in images]
     seg = Segmenter.load(a.bundle, backend=a.backend, device=a.device, precision=a.precision)
     if a.classes_file:
         vocab = read_class_file(a.classes_file)
@@ -68,13 +111,24 @@ def run(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"bundle": str(a.bundle), "backend": seg.backend_name,
                               "classes": list(seg.vocabulary.class_names), "inputs": {}}
-    for path in a.images:
-        if Path(path).suffix.lower() in VIDEO_SUFFIXES:
-            report["inputs"][str(path)] = _predict_video(seg, Path(path), out)
-        else:
-            report["inputs"][str(path)] = _predict_image(seg, Path(path), out)
+    for path in images:
+        report["inputs"][str(path)] = _predict_image(seg, Path(path), out)
+    interrupted = False
+    if videos:
+        summary, interrupted = _predict_videos(seg, videos, out, a.max_frames, a.max_age_ms)
+        report["inputs"].update(summary)
     atomic_write_text(out / "predictions.json", json.dumps(report, indent=2))
+    if interrupted:
+        print("predict: interrupted; every output is whole", file=sys.stderr)
+        return 130
     return 0
+
+
+def _key_value(option: str) -> tuple[str, str]:
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--source-option wants KEY=VALUE (video_size=640x480), got {option!r}")
+    return key, value
 
 
 def _predict_image(seg: Any, path: Path, out: Path) -> dict[str, Any]:
@@ -98,61 +152,101 @@ def _predict_image(seg: Any, path: Path, out: Path) -> dict[str, Any]:
     return {"overlay": str(picture), "pixels": pred.counts(), "timing_ms": pred.timing_ms}
 
 
-def _predict_video(seg: Any, path: Path, out: Path) -> dict[str, Any]:
-    """Every frame of `path` -> an overlay video (H.264 when available, else MPEG-4 Part 2)
-    and a per-frame JSON, both written atomically (a failed video leaves neither)."""
-    try:
-        import av
-    except ImportError as e:
-        raise ImportError("video input needs PyAV: pip install av") from e
-    from tqdm import tqdm
-
+def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | None,
+                    max_age_ms: float) -> tuple[dict[str, Any], bool]:
+    """Every source through one `Stream`: overlay videos, frames.jsonl, a status line each.
+    Returns a summary per source and whether Ctrl-C ended it (the outputs are whole either
+    way)."""
     from .overlay import overlay
-    from .preprocess import InputError
+    from .stream import Stream
+    from .video import VideoWriter
 
-    video_out, frames_out = out / f"{path.stem}.mp4", out / f"{path.stem}.json"
-    records: list[dict[str, Any]] = []
     k = seg.vocabulary.num_classes
+    live = {s.name: s.live for s in sources}
+    writers: dict[str, VideoWriter] = {}
+    first: dict[str, float] = {}
+    log_path = out / "frames.jsonl"
+    log_file = None
+    status = _Status([s.name for s in sources], max_frames)
+    stream = Stream(seg, sources, max_age_ms=max_age_ms, max_frames=max_frames)
+    interrupted, ok = False, False
+    try:
+        with stream:
+            for r in stream:
+                if log_file is None:  # made with the first frame: a failed start leaves none
+                    log_file = open(log_path, "w", encoding="utf-8")
+                record = {"source": r.source, "frame": r.frame, "pts": r.pts,
+                          "captured": round(r.captured, 4), "latency_ms": round(r.latency_ms, 2),
+                          "waited_ms": round(r.waited_ms, 2), "infer_ms": round(r.infer_ms, 2),
+                          "dropped": r.dropped, "counts": r.prediction.counts()}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()  # a reader (or a crash) sees every frame so far
+                if r.source not in writers:
+                    writers[r.source] = VideoWriter(out / f"{r.source}.mp4")
+                # A file's frames keep their own times; a live source's, their capture times.
+                t = r.pts if r.pts is not None and not live[r.source] else r.captured
+                t0 = first.setdefault(r.source, t)
+                writers[r.source].write(overlay(r.image, r.prediction.labels, k), t - t0)
+                status.update(r, stream.stats()[r.source])
+        ok = True
+    except KeyboardInterrupt:
+        interrupted = ok = True
+    finally:
+        status.close()
+        if log_file is not None:
+            log_file.close()
+        for w in writers.values():
+            # An error drops the videos (a failed file leaves none); the end, Ctrl-C and a lost
+            # live source keep what was recorded, playable.
+            w.close() if ok else w.abort()
+    summary = {}
+    stats = stream.stats()
+    for s in sources:
+        st = stats[s.name]
+        video = writers[s.name].path if s.name in writers else None
+        summary[s.location] = {
+            "name": s.name, "overlay": video and str(video), "frames": str(log_path),
+            "processed": st.processed, "decoded": st.decoded, "dropped": st.dropped,
+            "corrupt": st.corrupt, "reconnects": st.reconnects, **status.summary(s.name)}
+        print(f"  {s.location} -> {video} ({st.processed} frames, {st.dropped} dropped), "
+              f"{log_path}")
+    return summary, interrupted
 
-    def write(tmp: str) -> None:
-        try:
-            src = av.open(str(path))
-        except (av.error.FFmpegError, OSError) as e:
-            raise InputError(f"cannot read video {path}: {e}") from e
-        with src:
-            if not src.streams.video:
-                raise InputError(f"{path} has no video stream")
-            stream = src.streams.video[0]
-            rate = stream.average_rate or 25
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            with av.open(tmp, mode="w", format="mp4") as dst:
-                enc = None
-                bar = tqdm(total=stream.frames or None, desc=path.name, unit="frame")
-                for i, frame in enumerate(src.decode(stream)):
-                    rgb = frame.to_ndarray(format="rgb24")
-                    pred = seg.predict(rgb)
-                    picture = overlay(rgb, pred.labels, k)
-                    if enc is None:  # even sides: yuv420p needs them
-                        enc = dst.add_stream(codec, rate=rate)
-                        enc.width, enc.height = rgb.shape[1] // 2 * 2, rgb.shape[0] // 2 * 2
-                        enc.pix_fmt = "yuv420p"
-                    picture = picture[:enc.height, :enc.width]
-                    for packet in enc.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
-                        dst.mux(packet)
-                    records.append({"frame": i, "time_s": None if frame.time is None
-                                    else round(float(frame.time), 4),
-                                    "pixels": pred.counts(), "timing_ms": pred.timing_ms})
-                    bar.update(1)
-                bar.close()
-                if enc is None:
-                    raise InputError(f"{path} has no decodable frames")
-                for packet in enc.encode():  # flush
-                    dst.mux(packet)
 
-    atomic_write(video_out, write)
-    atomic_write_text(frames_out, json.dumps({"video": str(path), "frames": records}, indent=1))
-    print(f"  {path} -> {video_out} ({len(records)} frames), {frames_out}")
-    return {"overlay": str(video_out), "frames": str(frames_out), "num_frames": len(records)}
+class _Status:
+    """A tqdm line per source on stderr: frames, fps, latency p50/p99 (last 1000), drops."""
+
+    def __init__(self, names: list[str], total: int | None):
+        from tqdm import tqdm
+
+        self._bars = {n: tqdm(desc=n, total=total, unit="frame", position=i, leave=True,
+                              dynamic_ncols=True) for i, n in enumerate(names)}
+        self._latency = {n: collections.deque(maxlen=1000) for n in names}
+        self._start = {n: time.monotonic() for n in names}
+
+    def update(self, r: Any, stats: Any) -> None:
+        self._latency[r.source].append(r.latency_ms)
+        bar = self._bars[r.source]
+        bar.set_postfix_str(self._line(r.source, stats.dropped, stats.reconnects), refresh=False)
+        bar.update(1)
+
+    def _line(self, name: str, dropped: int, reconnects: int) -> str:
+        p50, p99 = np.percentile(self._latency[name], [50, 99])
+        return (f"latency p50 {p50:.0f} ms p99 {p99:.0f} ms, dropped {dropped}"
+                + (f", reconnects {reconnects}" if reconnects else ""))
+
+    def summary(self, name: str) -> dict[str, Any]:
+        lat = self._latency[name]
+        seconds = time.monotonic() - self._start[name]
+        if not lat:
+            return {"fps": 0.0, "latency_ms": None}
+        p50, p99 = np.percentile(lat, [50, 99])
+        return {"fps": round(self._bars[name].n / seconds, 2),
+                "latency_ms": {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}}
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -243,8 +243,9 @@ def test_predict_cli_takes_new_names_from_a_file_and_videos(tiny_bundle, tmp_pat
                  "--classes-file", str(classes), "--backend", "onnxruntime"]) == 0
     report = json.loads((out / "predictions.json").read_text())
     assert report["classes"] == ["cup's handle", "cup's body", "robot arm's gripper"]
-    per_frame = json.loads((out / "clip.json").read_text())["frames"]
-    assert len(per_frame) == len(frames) == report["inputs"][str(video)]["num_frames"]
+    per_frame = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines()]
+    assert [x["frame"] for x in per_frame] == list(range(len(frames)))  # a file: every frame
+    assert report["inputs"][str(video)]["processed"] == len(frames)
     with av.open(str(out / "clip.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == len(frames)
     bad = tmp_path / "bad.mp4"
