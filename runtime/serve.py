@@ -54,9 +54,6 @@ MODEL_NAME = "partclipseg"
 DEFAULT_MAX_IMAGE_SIDE = 4096
 IMAGE, CLASSES, LABELS, CLASS_NAMES = "image", "classes", "labels", "class_names"
 
-log = logging.getLogger("runtime.serve")
-
-
 class SegmentationModel:
     """PyTriton's inference callable: a batch of Triton requests -> one response per request.
 
@@ -138,8 +135,8 @@ class SegmentationModel:
             for names in set(classes):
                 try:
                     self.segmenter.feeds(list(names))  # parses, encodes new names (cached)
-                except VocabularyError as e:
-                    raise VocabularyError(f"{CLASSES}: {e}") from None
+                except (InputError, VocabularyError) as e:
+                    raise type(e)(f"{CLASSES}: {e}") from None
         return list(zip(images, classes))
 
 
