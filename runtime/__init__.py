@@ -8,7 +8,8 @@
 from .bundle import BundleError
 from .preprocess import InputError
 from .segmenter import Prediction, Segmenter
+from .stream import SourceError, Stream
 from .vocabulary import Vocabulary, VocabularyError
 
-__all__ = ["Segmenter", "Prediction", "Vocabulary", "VocabularyError", "InputError",
-           "BundleError"]
+__all__ = ["Segmenter", "Prediction", "Stream", "SourceError", "Vocabulary", "VocabularyError",
+           "InputError", "BundleError"]

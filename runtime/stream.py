@@ -81,7 +81,7 @@ class StreamResult:
     pts: the source's timestamp in seconds (None when the stream has none);
     captured: wall-clock time (time.time()) at which the frame was decoded;
     latency_ms: capture to labels; waited_ms: capture to the moment the Segmenter took it;
-    infer_ms: the `predict_batch` call that labelled it (shared by its batch);
+    infer_ms: the `predict_batch` call that labelled it; batch: the frames in that call;
     dropped: the source's dropped frames so far (newer + stale);
     image: (H, W, 3) uint8 RGB frame; prediction: the Segmenter's `Prediction`.
     """
@@ -93,6 +93,7 @@ class StreamResult:
     latency_ms: float
     waited_ms: float
     infer_ms: float
+    batch: int
     dropped: int
     image: np.ndarray = field(repr=False)
     prediction: Any = field(repr=False)
@@ -456,5 +457,5 @@ class Stream:
                     s.request_stop()  # the reader ends; the stream stops taking from it
                 results.append(StreamResult(
                     s.name, f.index, f.pts, f.captured, 1e3 * (done - f.t), 1e3 * (picked - f.t),
-                    infer_ms, s.stats.dropped, f.image, pred))
+                    infer_ms, len(batch), s.stats.dropped, f.image, pred))
         yield from results

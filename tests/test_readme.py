@@ -45,3 +45,28 @@ def test_robotics_example_runs_as_written(tiny_bundle, tmp_path):
 def test_readme_stays_a_users_page():
     """At most 250 lines: lab numbers and long tables live in docs/."""
     assert len(README.read_text().splitlines()) <= 250
+
+
+def test_stream_example_runs_as_written(tiny_bundle, tmp_path):
+    """The README's live-stream loop, against a loopback UDP stream at 30 fps in place of its
+    address, in a process where torch cannot be imported."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("av")
+    from benchmarks.loopback import LoopbackSender, free_udp_port
+
+    match = re.search(r"<!-- stream-example.*?-->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert match, "README lost its stream example block"
+    code = match.group(1)
+    assert len(code.strip().splitlines()) <= 12 and "udp://127.0.0.1:5000" in code
+    shutil.copytree(tiny_bundle, tmp_path / "demo" / "bundle")
+    env = dict(os.environ, PYTHONPATH=str(README.parent))
+    block = "import sys\nfor m in ('torch', 'open_clip', 'partclipseg', 'export'):\n" \
+            "    sys.modules[m] = None\n"
+    with LoopbackSender(free_udp_port(), size=96) as sender:
+        r = subprocess.run([sys.executable, "-c", block + code.replace(
+            "udp://127.0.0.1:5000", sender.url)], cwd=tmp_path, env=env, capture_output=True,
+            text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) >= 2 and all(" ms " in x and x.endswith(" dropped") for x in lines)
+    assert int(lines[-1].split()[1]) >= 60  # ran until the example's own stop
