@@ -35,6 +35,7 @@ import numpy as np
 from runtime import bundle as spec
 from runtime.errors import run_command
 from runtime.io import atomic_write, atomic_write_text
+from runtime.options import positive_int
 
 __all__ = ["MODEL_NAME", "write_triton_model", "config_text", "bake_vocabulary",
            "build_parser", "main"]
@@ -151,13 +152,6 @@ def write_triton_model(bundle: str | Path, out: str | Path, name: str = MODEL_NA
     return folder
 
 
-def _positive(v: str) -> int:
-    n = int(v)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.triton",
                                 description=__doc__.splitlines()[0])
@@ -168,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instance kind: KIND_GPU (cuda, default) or KIND_CPU")
     p.add_argument("--precision", choices=["fp16", "fp32"],
                    help="graph (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--max-batch", type=_positive, default=8)
+    p.add_argument("--max-batch", type=positive_int, default=8)
     p.add_argument("--max-queue-delay-us", type=int, default=1000)
-    p.add_argument("--instances", type=_positive, default=1)
+    p.add_argument("--instances", type=positive_int, default=1)
     p.add_argument("--tensorrt", action="store_true",
                    help="run through ONNX Runtime's TensorRT execution provider (GPU)")
     return p

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from runtime.errors import run_command
+from runtime.options import nonneg_int, positive_int
 
 __all__ = ["build_parser", "main"]
 
@@ -21,16 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="generate the SynthParts dataset (OV-PARTS Pascal layout)")
     s.add_argument("--out", required=True, help="dataset folder to write")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train", type=_nonneg, default=800, help="training images (default 800)")
-    s.add_argument("--val", type=_nonneg, default=200, help="validation images (default 200)")
-    s.add_argument("--image-size", type=_positive, default=160)
+    s.add_argument("--train", type=nonneg_int, default=800, help="training images (default 800)")
+    s.add_argument("--val", type=nonneg_int, default=200, help="validation images (default 200)")
+    s.add_argument("--image-size", type=positive_int, default=160)
 
     r = sub.add_parser("pretrain", help="image-text pretraining of a random-init model's "
                        "towers on SynthParts' seen objects (no unseen image or name)")
     r.add_argument("--out", required=True, help="towers file to write (float16, ~17 MB for tiny)")
     r.add_argument("--model", default="tiny", help="model config: a name or a JSON path (tiny)")
-    r.add_argument("--steps", type=_positive, help="optimizer steps (default 1500)")
-    r.add_argument("--images", type=_positive, help="seen-only images rendered (default 4000)")
+    r.add_argument("--steps", type=positive_int, help="optimizer steps (default 1500)")
+    r.add_argument("--images", type=positive_int, help="seen-only images rendered (default 4000)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--sets", nargs="+", choices=["objects", "parts", "colours", "plans"],
                    help="name sets contrasted (default: all four)")
@@ -57,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val")
     e.add_argument("--setting", choices=["oracle-obj", "pred-all"], default="oracle-obj")
     e.add_argument("--json", help="write the metrics (with the per-class table) here")
-    e.add_argument("--limit", type=_positive, help="evaluate the first N samples only")
+    e.add_argument("--limit", type=positive_int, help="evaluate the first N samples only")
     e.add_argument("--device", default=None)
 
     d = sub.add_parser("demo", help="the whole pipeline on SynthParts in minutes on a CPU")
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")
-    d.add_argument("--steps", type=_positive, help="training steps (default: the config's)")
+    d.add_argument("--steps", type=positive_int, help="training steps (default: the config's)")
     d.add_argument("--config", default="synthparts_tiny")
     d.add_argument("--int8-min-agreement", type=float, metavar="SHARE",
                    help="least share of the INT8 graphs' labels equal to FP32's (default 0.99; "
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--vocab", default="pascal_part_116",
                    help="vocabulary stored in the checkpoint: a dataset name (pascal_part_116, "
                    "ade20k_part_234, partimagenet) or a JSON file (default pascal_part_116)")
-    w.add_argument("--image-size", type=_positive, default=352, help="model input side (352)")
+    w.add_argument("--image-size", type=positive_int, default=352, help="model input side (352)")
     w.add_argument("--mode", choices=["partclipseg", "clipseg"], default="partclipseg",
                    help="model to build from CLIPSeg weights (released PartCLIPSeg: always "
                    "partclipseg)")
@@ -99,20 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--partial", action="store_true", help="write the checkpoint even when some "
                    "source keys are not understood by the converter (they are ignored, listed)")
     return p
-
-
-def _positive(v: str) -> int:
-    n = int(v)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return n
-
-
-def _nonneg(v: str) -> int:
-    n = int(v)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return n
 
 
 # -- commands ----------------------------------------------------------------------------------

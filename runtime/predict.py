@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import run_command
 from .io import atomic_write, atomic_write_text
+from .options import add_backend_arguments, positive_int
 
 __all__ = ["add_arguments", "run", "build_parser", "main"]
 
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="SOURCE",
                    help="image files, video files, stream URLs (udp://, rtsp://, ...) or "
                    "cameras (/dev/videoN)")
-    p.add_argument("--bundle", required=True, help="bundle folder written by export")
+    add_backend_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
     names = p.add_mutually_exclusive_group()
     names.add_argument("--classes", nargs="+", metavar="NAME",
@@ -49,14 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        "new names need a bundle exported with its text side")
     names.add_argument("--classes-file", metavar="FILE",
                        help="the same from a file: one \"object's part\" per line")
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--precision", choices=["fp16", "fp32", "int8"],
-                   help="graph precision (default: fp16 on CUDA, fp32 on the CPU; int8: the "
-                   "bundle's INT8 graphs, CPU)")
     v = p.add_argument_group("videos, streams and cameras")
-    v.add_argument("--max-frames", type=_positive, metavar="N",
+    v.add_argument("--max-frames", type=positive_int, metavar="N",
                    help="stop each video source after N processed frames (default: its end; "
                    "a live stream runs until Ctrl-C)")
     v.add_argument("--max-age-ms", type=float, default=500.0, metavar="MS",
@@ -73,13 +68,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(prog="python -m runtime.predict",
                                                  description=__doc__.splitlines()[0]))
-
-
-def _positive(v: str) -> int:
-    n = int(v)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return n
 
 
 def _is_image(location: str) -> bool:

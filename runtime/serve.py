@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import run_command
+from .options import add_backend_arguments, nonneg_int, positive_int
 from .preprocess import InputError
 from .vocabulary import VocabularyError
 
@@ -53,6 +54,7 @@ MODEL_NAME = "partclipseg"
 # out, about what Triton's default request and shared-memory sizes carry comfortably.
 DEFAULT_MAX_IMAGE_SIDE = 4096
 IMAGE, CLASSES, LABELS, CLASS_NAMES = "image", "classes", "labels", "class_names"
+
 
 class SegmentationModel:
     """PyTriton's inference callable: a batch of Triton requests -> one response per request.
@@ -254,31 +256,10 @@ def _port(v: str) -> int:
     return n
 
 
-def _positive(v: str) -> int:
-    n = int(v)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return n
-
-
-def _nonneg(v: str) -> int:
-    n = int(v)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return n
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The serve options, on `p` (this module's parser, or `partclipseg serve`'s)."""
     d = ServeOptions()
-    p.add_argument("--bundle", required=True, help="bundle folder written by export")
-    # The same names and choices as `partclipseg predict`'s.
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--precision", choices=["fp16", "fp32", "int8"],
-                   help="graph precision (default: fp16 on CUDA, fp32 on the CPU; int8: the "
-                   "bundle's INT8 graphs, CPU)")
+    add_backend_arguments(p)
     p.add_argument("--address", default=d.address,
                    help=f"address every endpoint binds to (default {d.address}: this machine "
                    "only; 0.0.0.0 for the network)")
@@ -286,16 +267,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=_port, default=d.grpc_port)
     p.add_argument("--metrics-port", type=_port, default=d.metrics_port,
                    help=f"Prometheus metrics at /metrics (default {d.metrics_port})")
-    p.add_argument("--max-batch", type=_positive, default=d.max_batch,
+    p.add_argument("--max-batch", type=positive_int, default=d.max_batch,
                    help=f"most frames Triton's dynamic batcher puts in one call (default "
                    f"{d.max_batch})")
-    p.add_argument("--max-queue-delay-us", type=_nonneg, default=d.max_queue_delay_us,
+    p.add_argument("--max-queue-delay-us", type=nonneg_int, default=d.max_queue_delay_us,
                    help="longest a request waits for others to batch with, microseconds "
                    f"(default {d.max_queue_delay_us})")
-    p.add_argument("--instances", type=_positive, default=d.instances,
+    p.add_argument("--instances", type=positive_int, default=d.instances,
                    help=f"model instances running batches at once (default {d.instances}); "
                    "they share one Segmenter")
-    p.add_argument("--max-image-side", type=_positive, default=d.max_image_side,
+    p.add_argument("--max-image-side", type=positive_int, default=d.max_image_side,
                    help=f"refuse larger frames (default {d.max_image_side} px)")
     return p
 

@@ -276,42 +276,59 @@ def test_metrics_count_successes_and_failures(server):
         client.predict(np.zeros((16, 16, 3), np.uint8))
         with pytest.raises(ServerError, match="nocls"):
             client.predict(np.zeros((16, 16, 3), np.uint8), ["nocls"])
+    # Triton counts a request once its response is out: the counters may lag the answer.
+    deadline = time.monotonic() + 10
+    while (_metric(server, "nv_inference_request_success") < ok + 1
+           or _metric(server, "nv_inference_request_failure", reason="BACKEND") < failed + 1):
+        assert time.monotonic() < deadline, "the counters did not move in 10 s"
+        time.sleep(0.05)
     assert _metric(server, "nv_inference_request_success") == ok + 1
     assert _metric(server, "nv_inference_request_failure", reason="BACKEND") == failed + 1
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(server):
-    """Three frames big enough to take a while each (sizes differ, so three batches): once Triton
-    has one waiting, SIGTERM; all three are answered, and the process exits 0."""
+    """Two big frames (~0.5 s each; other sizes, so other batches) and a small one: the first
+    runs while the others wait in Triton's queue. Then SIGTERM: all three are answered, and the
+    process exits 0. A request still uploading when the signal comes is not in flight (Triton
+    closes it), so the test signals only once the queue holds both later requests."""
     from runtime.client import SegmentationClient
 
-    side = MAX_SIDE  # ~0.5 s a frame on the micro bundle on one core: long enough in flight
+    shapes = [(MAX_SIDE, MAX_SIDE), (MAX_SIDE, MAX_SIDE - 2), (64, 48)]
     answers: dict[int, Any] = {}
+    threads: list[threading.Thread] = []
 
     def send(k: int) -> None:
         with SegmentationClient(server.http, "http") as client:
             try:
-                answers[k] = client.predict(np.full((side, side - k, 3), 7 * k, np.uint8))[0]
+                answers[k] = client.predict(np.full((*shapes[k], 3), 7 * k, np.uint8))[0]
             except Exception as e:  # noqa: BLE001 - checked below
                 answers[k] = e
 
-    threads = [threading.Thread(target=send, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while _metric(server, "nv_inference_pending_request_count") < 1:
-        assert not answers and time.monotonic() < deadline, \
-            f"no request seen waiting in the server's queue (answers: {list(answers)})"
-        time.sleep(0.005)
+    def start(k: int) -> None:
+        threads.append(threading.Thread(target=send, args=(k,), daemon=True))
+        threads[-1].start()
+
+    def start_and_wait_queued(k: int) -> None:
+        """Send request k; return once k requests wait (the first one still running)."""
+        start(k)
+        deadline = time.monotonic() + 30
+        while _metric(server, "nv_inference_pending_request_count") < k:
+            assert not answers and time.monotonic() < deadline, \
+                f"request {k} not seen waiting behind the first (answers: {list(answers)})"
+            time.sleep(0.005)
+
+    start(0)
+    start_and_wait_queued(1)  # queued: request 0 holds the one instance, so both arrived
+    start_and_wait_queued(2)
     server.process.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(timeout=60)
     try:
         rc = server.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the server did not exit within 60 s of SIGTERM:\n{server.output()}")
     assert rc == 0, server.output()
+    for t in threads:
+        t.join(timeout=30)
     for k in range(3):
         assert isinstance(answers.get(k), np.ndarray), f"request {k}: {answers.get(k)!r}"
-        assert answers[k].shape == (side, side - k)
+        assert answers[k].shape == shapes[k]
     assert "serve: stopped" in server.output()
