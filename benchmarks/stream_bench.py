@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "it exists, else a test pattern)")
     p.add_argument("--size", type=int, default=160, help="frame side sent (default 160)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: its own)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the runs, alternating source "
+                   "counts, to see the spread of a shared machine (default 1)")
     p.add_argument("--out", help="JSON file to write (after every run)")
     return p
 
@@ -137,12 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": _machine(), "bundle": str(a.bundle), "backend": seg.backend_name,
         "images": images or "test pattern", "runs": []}
-    for n in a.sources:
-        run = measure(seg, n, a.seconds, images, a.size)
-        record["runs"].append(run)
-        print(json.dumps(run))
-        if a.out:
-            atomic_write_text(a.out, json.dumps(record, indent=2))
+    for k in range(a.rounds):
+        for n in a.sources:
+            run = {"round": k, **measure(seg, n, a.seconds, images, a.size)}
+            record["runs"].append(run)
+            print(json.dumps(run))
+            if a.out:
+                atomic_write_text(a.out, json.dumps(record, indent=2))
     return 0
 
 

@@ -7,7 +7,8 @@
             r.latency_ms, r.dropped        # capture -> labels; frames dropped so far
 
 Sources: a video file, any URL FFmpeg opens (udp://, tcp://, rtsp://, http(s)://, ...) or a
-V4L2 camera (/dev/videoN). Each is read by its own thread (PyAV), decoded to RGB as it arrives.
+V4L2 camera (/dev/videoN). Each is read by its own thread (PyAV), decoded as it arrives; a
+frame becomes an RGB array only when it is picked.
 
 Two ways to read (`live`):
 - live (the default for URLs and cameras): the newest frame wins. A frame not yet picked when
@@ -101,7 +102,7 @@ class StreamResult:
 
 @dataclass(frozen=True)
 class _Frame:
-    image: np.ndarray
+    decoded: Any  # av.VideoFrame: turned into RGB only once picked (most live frames are not)
     index: int
     pts: float | None
     captured: float  # time.time()
@@ -252,7 +253,9 @@ class Source:
         import av
 
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        # Frame threading would hold frames back (one per thread) to decode them in
+        # parallel: throughput for a file, lag for a live source.
+        stream.thread_type = "SLICE" if self.live else "AUTO"
         pace = self.live and self.is_file
         t0: float | None = None
         while not self._stop.is_set():
@@ -271,7 +274,7 @@ class Source:
                         if pace and frame.time is not None:
                             t0 = time.monotonic() - frame.time if t0 is None else t0
                             self._stop.wait(max(0.0, t0 + frame.time - time.monotonic()))
-                        self._publish(_Frame(frame.to_ndarray(format="rgb24"), next(index),
+                        self._publish(_Frame(frame, next(index),
                                              None if frame.time is None else float(frame.time),
                                              time.time(), time.monotonic()))
                 return None  # the end of the stream (a file's, or a sender's)
@@ -445,17 +448,18 @@ class Stream:
 
     def _label(self, batch: list[tuple[Source, _Frame]]) -> Iterator[StreamResult]:
         picked = time.monotonic()
+        images = [f.decoded.to_ndarray(format="rgb24") for _, f in batch]
         t0 = time.perf_counter()
-        preds = self.segmenter.predict_batch([f.image for _, f in batch], classes=self._classes)
+        preds = self.segmenter.predict_batch(images, classes=self._classes)
         infer_ms = 1e3 * (time.perf_counter() - t0)
         done = time.monotonic()
         results = []
         with self._cond:
-            for (s, f), pred in zip(batch, preds):
+            for (s, f), image, pred in zip(batch, images, preds):
                 s.stats.processed += 1
                 if self.max_frames is not None and s.stats.processed >= self.max_frames:
                     s.request_stop()  # the reader ends; the stream stops taking from it
                 results.append(StreamResult(
                     s.name, f.index, f.pts, f.captured, 1e3 * (done - f.t), 1e3 * (picked - f.t),
-                    infer_ms, len(batch), s.stats.dropped, f.image, pred))
+                    infer_ms, len(batch), s.stats.dropped, image, pred))
         yield from results
