@@ -93,7 +93,10 @@ def measure(seg: Any, sources: int, seconds: float, images: str | Path | None = 
         "bare_predict_ms": {str(b): round(ms, 2) for b, ms in bare.items()},
         "batch_sizes": {str(b): sum(r.batch == b for r in results) for b in batches},
         "overhead_ms": _percentiles(overhead),
-        "total_fps": round(sum(fps), 2), "per_source": per_source,
+        "total_fps": round(sum(fps), 2),
+        # What the model alone allows at the stream's batch sizes: the bound of total_fps.
+        "model_bound_fps": round(min(1e3 * b / ms for b, ms in bare.items()), 2),
+        "per_source": per_source,
         "fps_spread": round(max(abs(f / np.mean(fps) - 1) for f in fps), 4),
     }
 

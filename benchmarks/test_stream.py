@@ -43,7 +43,8 @@ def _note(report: BenchReport, run: dict[str, Any]) -> None:
         f"stream, {run['sources']} source(s) at {FPS:g} fps: {run['total_fps']:.1f} fps total, "
         f"latency p50 {run['latency_ms']['p50']:.1f} / p99 {run['latency_ms']['p99']:.1f} ms, "
         f"bare predict {run['bare_predict_ms']} ms, overhead p50 "
-        f"{run['overhead_ms']['p50']:.1f} ms, batches {run['batch_sizes']}")
+        f"{run['overhead_ms']['p50']:.1f} ms, batches {run['batch_sizes']}, the model alone "
+        f"allows {run['model_bound_fps']:.1f} fps")
 
 
 @pytest.mark.parametrize("sources", [1, 4])
