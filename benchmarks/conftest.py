@@ -24,7 +24,6 @@ fails the INT8 route: export it with --int8.
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import pytest
 
 from benchmarks.targets import TargetBook
+from benchmarks.timing import cpu_name
 
 DEMO_CHECKPOINT = Path("demo") / "run" / "best.pt"  # relative to the pytest rootdir
 
@@ -241,15 +241,7 @@ def _device_name(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} logical cores)"
+    return cpu_name()
 
 
 def _versions() -> dict[str, str]:

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -35,9 +34,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from benchmarks.timing import time_calls
+from benchmarks.timing import cpu_name, time_calls
 
-__all__ = ["Server", "start_server", "Load", "run_load", "in_process", "measure", "main"]
+__all__ = ["Server", "start_server", "Load", "run_load", "in_process", "measure", "build_parser",
+           "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
@@ -222,21 +222,9 @@ def measure(bundle: str | Path, frames: np.ndarray, clients: Sequence[int] = (1,
             "ratio_at_most_clients": best.frames_per_s / best_base["frames_per_s"]}
 
 
-def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} logical cores"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from runtime.bundle import read_manifest
-    from runtime.io import atomic_write_text
-
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-batch", type=int, default=8)
@@ -244,13 +232,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="write the results here")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from runtime.bundle import read_manifest
+    from runtime.io import atomic_write_text
+
+    a = build_parser().parse_args(argv)
     s = read_manifest(a.bundle).input_size
     frames = np.random.default_rng(0).integers(0, 256, (32, s, s, 3), dtype=np.uint8)
     load_before = os.getloadavg()
     r = measure(a.bundle, frames, a.clients, a.max_batch, a.protocol, a.seconds,
                 rounds=a.rounds)
-    r = {"machine": _machine(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    r = {"machine": cpu_name(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          # 1-minute load average before and after: other work on a shared machine shows here
          "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
          "bundle": str(a.bundle), **r}

@@ -2,7 +2,7 @@
 bare `predict_batch` time of the same frames (issue "Live streams").
 
     python -m benchmarks.stream_bench --bundle demo/bundle [--sources 1 4] [--seconds 10]
-                                      [--out benchmarks/results/stream_cpu_DATE.json]
+                                      [--json benchmarks/results/stream_cpu_DATE.json]
 
 Each source is a `benchmarks.loopback` child process sending MPEG-TS over UDP on 127.0.0.1 at
 30 fps (SynthParts val images when --images is given, else a test pattern). The stream reads
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.loopback import LoopbackSender, free_udp_port
+from benchmarks.timing import cpu_name
 from runtime.io import atomic_write_text
 
 __all__ = ["measure", "build_parser", "main", "FPS", "MAX_AGE_MS"]
@@ -101,20 +101,6 @@ def measure(seg: Any, sources: int, seconds: float, images: str | Path | None = 
     }
 
 
-def _machine() -> str:
-    """"AMD EPYC ..., 2 cores" from /proc/cpuinfo where it exists."""
-    import os
-
-    name = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stream_bench",
                                 description=__doc__.splitlines()[0])
@@ -127,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: its own)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the runs, alternating source "
                    "counts, to see the spread of a shared machine (default 1)")
-    p.add_argument("--out", help="JSON file to write (after every run)")
+    p.add_argument("--json", help="write the results here (after every run)")
     return p
 
 
@@ -140,15 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     seg = Segmenter.load(a.bundle, backend="onnxruntime", device="cpu", threads=a.threads)
     record: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": _machine(), "bundle": str(a.bundle), "backend": seg.backend_name,
+        "machine": cpu_name(), "bundle": str(a.bundle), "backend": seg.backend_name,
         "images": images or "test pattern", "runs": []}
     for k in range(a.rounds):
         for n in a.sources:
             run = {"round": k, **measure(seg, n, a.seconds, images, a.size)}
             record["runs"].append(run)
             print(json.dumps(run))
-            if a.out:
-                atomic_write_text(a.out, json.dumps(record, indent=2))
+            if a.json:
+                atomic_write_text(a.json, json.dumps(record, indent=2))
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Timing", "time_calls", "time_cuda"]
+__all__ = ["Timing", "time_calls", "time_cuda", "cpu_name"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,21 @@ def time_cuda(fn: Callable[[], Any], warmup: int = 3, min_runs: int = 5, max_run
         end.synchronize()
         samples.append(float(begin.elapsed_time(end)))
     return Timing(tuple(samples))
+
+
+def cpu_name() -> str:
+    """"AMD EPYC ... (2 logical cores)": the processor timings came from (/proc/cpuinfo's
+    model name where it exists)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical cores)"
