@@ -45,21 +45,28 @@ START_TIMEOUT_S = 180
 
 @dataclass(frozen=True)
 class Server:
-    """A running `python -m runtime.serve`: host:port of each endpoint."""
+    """A running `python -m runtime.serve`: host:port of each endpoint, its log."""
 
     http: str
     grpc: str
     metrics: str
     process: subprocess.Popen
+    log: Path | None = None
 
-    def metric(self, name: str) -> float:
-        """The partclipseg model's sample of Prometheus counter `name`."""
+    def metric(self, name: str, reason: str | None = None) -> float:
+        """The partclipseg model's sample of Prometheus metric `name` (`reason`: the failure
+        counter's label)."""
         text = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10).read()
-        m = re.search(rf'^{name}\{{model="partclipseg",version="1"\}} ([0-9.e+]+)$',
-                      text.decode(), re.M)
+        labels = 'model="partclipseg",' + (f'reason="{reason}",' if reason else "") + \
+            'version="1"'
+        m = re.search(rf"^{name}\{{{labels}\}} ([0-9.e+]+)$", text.decode(), re.M)
         if not m:
-            raise RuntimeError(f"{name} not in the server's metrics")
+            raise RuntimeError(f"{name}{{{labels}}} not in the server's metrics")
         return float(m.group(1))
+
+    def output(self) -> str:
+        """The end of the server's log ("" without one)."""
+        return self.log.read_text(errors="replace")[-4000:] if self.log else ""
 
 
 def _free_ports(n: int) -> list[int]:
@@ -85,19 +92,21 @@ def start_server(bundle: str | Path, extra: Sequence[str] = (), log: Path | None
         [sys.executable, "-m", "runtime.serve", "--bundle", str(bundle), "--http-port",
          str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra],
         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", proc)
+    server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", proc,
+                    log)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         with SegmentationClient(server.http, "http", timeout_s=5) as client:
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {proc.returncode}"
-                                       + (f"; log: {log}" if log else ""))
+                    raise RuntimeError(f"the server exited with {proc.returncode}:\n"
+                                       f"{server.output()}")
                 with contextlib.suppress(Exception):
                     if client.ready():
                         break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the server was not ready in {START_TIMEOUT_S} s")
+                    raise TimeoutError(f"the server was not ready in {START_TIMEOUT_S} s:\n"
+                                       f"{server.output()}")
                 time.sleep(0.5)
         yield server
     finally:

@@ -18,11 +18,8 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +31,6 @@ from runtime.serve import SegmentationModel, build_parser, check_port_free, pyth
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_SIDE = 2048  # the test server's --max-image-side
-START_TIMEOUT_S = 120  # Triton + the Python backend's stub on a loaded 2-core machine: ~20 s
 
 
 def _images(seed: int, shape: tuple[int, int], n: int) -> list[np.ndarray]:
@@ -119,79 +115,18 @@ def test_cli_flags_and_a_busy_port_is_one_line_exit_2(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and f"--http-port {port}: cannot listen" in err
 
 
-# -- one server, in a subprocess -------------------------------------------------------------------
-@dataclass
-class Server:
-    process: subprocess.Popen
-    http: str
-    grpc: str
-    metrics: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
+# -- one server, in a subprocess ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(micro_bundle, tmp_path_factory) -> Iterator[Server]:
+def server(micro_bundle, tmp_path_factory) -> Iterator[Any]:
     pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton)")
     pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[http,grpc]")
-    from runtime.client import SegmentationClient
+    from benchmarks.serving import start_server
 
-    http, grpc, metrics = _free_ports(3)
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.serve", "--bundle", str(micro_bundle),
-             "--backend", "onnxruntime", "--http-port", str(http), "--grpc-port", str(grpc),
-             "--metrics-port", str(metrics), "--max-batch", "8", "--max-queue-delay-us", "2000",
-             "--max-image-side", str(MAX_SIDE)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(proc, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with SegmentationClient(srv.http, "http", timeout_s=5) as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"the server exited with {proc.returncode}:\n{srv.output()}")
-                try:
-                    if client.ready():
-                        break
-                except Exception:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the server was not ready in {START_TIMEOUT_S} s:\n"
-                                f"{srv.output()}")
-                time.sleep(0.5)
+    with start_server(micro_bundle, ["--backend", "onnxruntime", "--max-batch", "8",
+                                     "--max-queue-delay-us", "2000", "--max-image-side",
+                                     str(MAX_SIDE)], log) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _metric(srv: Server, name: str, reason: str | None = None) -> float:
-    """One sample of the partclipseg model's Prometheus metric `name` (`reason`: the failure
-    counter's label)."""
-    text = urllib.request.urlopen(f"http://{srv.metrics}/metrics", timeout=10).read().decode()
-    labels = 'model="partclipseg",' + (f'reason="{reason}",' if reason else "") + 'version="1"'
-    m = re.search(rf"^{name}\{{{labels}\}} ([0-9.e+]+)$", text, re.M)
-    assert m, f"{name}{{{labels}}} not in the metrics:\n{text[:2000]}"
-    return float(m.group(1))
 
 
 def test_health_and_readiness_answer_on_both_protocols(server):
@@ -226,7 +161,7 @@ def test_eight_concurrent_clients_get_in_process_labels_and_errors_name_the_prob
            (_images(14, (21, 23), 1)[0], ["nocls"], r"classes: 'nocls' names no part"),
            (np.zeros((MAX_SIDE + 1, 8, 3), np.uint8), None, f"over the server's "
             f"--max-image-side {MAX_SIDE}")]
-    success_before = _metric(server, "nv_inference_request_success")
+    success_before = server.metric("nv_inference_request_success")
     results: dict[tuple[int, int], Any] = {}
 
     def client_thread(k: int) -> None:
@@ -262,7 +197,7 @@ def test_eight_concurrent_clients_get_in_process_labels_and_errors_name_the_prob
             assert class_names == ref.class_names
             assert labels.dtype == np.int32
             np.testing.assert_array_equal(labels, ref.labels)
-    assert _metric(server, "nv_inference_request_success") - success_before == 8 * 5
+    assert server.metric("nv_inference_request_success") - success_before == 8 * 5
     with SegmentationClient(server.grpc, "grpc") as client:  # and it goes on serving
         np.testing.assert_array_equal(client.predict(good[0][0])[0], want[0].labels)
 
@@ -270,20 +205,20 @@ def test_eight_concurrent_clients_get_in_process_labels_and_errors_name_the_prob
 def test_metrics_count_successes_and_failures(server):
     from runtime.client import SegmentationClient, ServerError
 
-    ok, failed = (_metric(server, "nv_inference_request_success"),
-                  _metric(server, "nv_inference_request_failure", reason="BACKEND"))
+    ok, failed = (server.metric("nv_inference_request_success"),
+                  server.metric("nv_inference_request_failure", reason="BACKEND"))
     with SegmentationClient(server.http, "http") as client:
         client.predict(np.zeros((16, 16, 3), np.uint8))
         with pytest.raises(ServerError, match="nocls"):
             client.predict(np.zeros((16, 16, 3), np.uint8), ["nocls"])
     # Triton counts a request once its response is out: the counters may lag the answer.
     deadline = time.monotonic() + 10
-    while (_metric(server, "nv_inference_request_success") < ok + 1
-           or _metric(server, "nv_inference_request_failure", reason="BACKEND") < failed + 1):
+    while (server.metric("nv_inference_request_success") < ok + 1
+           or server.metric("nv_inference_request_failure", reason="BACKEND") < failed + 1):
         assert time.monotonic() < deadline, "the counters did not move in 10 s"
         time.sleep(0.05)
-    assert _metric(server, "nv_inference_request_success") == ok + 1
-    assert _metric(server, "nv_inference_request_failure", reason="BACKEND") == failed + 1
+    assert server.metric("nv_inference_request_success") == ok + 1
+    assert server.metric("nv_inference_request_failure", reason="BACKEND") == failed + 1
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(server):
@@ -312,7 +247,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(server):
         """Send request k; return once k requests wait (the first one still running)."""
         start(k)
         deadline = time.monotonic() + 30
-        while _metric(server, "nv_inference_pending_request_count") < k:
+        while server.metric("nv_inference_pending_request_count") < k:
             assert not answers and time.monotonic() < deadline, \
                 f"request {k} not seen waiting behind the first (answers: {list(answers)})"
             time.sleep(0.005)
