@@ -35,7 +35,7 @@ import numpy as np
 from runtime import bundle as spec
 from runtime.errors import run_command
 from runtime.io import atomic_write, atomic_write_text
-from runtime.options import positive_int
+from runtime.options import nonneg_int, positive_int
 
 __all__ = ["MODEL_NAME", "write_triton_model", "config_text", "bake_vocabulary",
            "build_parser", "main"]
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp16", "fp32"],
                    help="graph (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--max-batch", type=positive_int, default=8)
-    p.add_argument("--max-queue-delay-us", type=int, default=1000)
+    p.add_argument("--max-queue-delay-us", type=nonneg_int, default=1000)
     p.add_argument("--instances", type=positive_int, default=1)
     p.add_argument("--tensorrt", action="store_true",
                    help="run through ONNX Runtime's TensorRT execution provider (GPU)")

@@ -6,8 +6,8 @@
         labels, class_names = client.predict(frame, ["dog's head", "dog's leg"])
 
 Needs `tritonclient[http,grpc]` and numpy (`pip install partclipseg-deploy[serve]`); no torch,
-no bundle. Thread-safe for `predict` (tritonclient's clients are); one client per thread is
-what the tests and benchmark do.
+no bundle. Not thread-safe (tritonclient's HTTP client is not): give each thread its own
+client, as the tests and the benchmark do.
 """
 
 from __future__ import annotations
@@ -74,14 +74,20 @@ class SegmentationClient:
     def close(self) -> None:
         self._client.close()
 
+    def _deadline(self) -> dict[str, float]:
+        # gRPC calls have no deadline unless given one; the HTTP client's timeouts are set
+        # once, in its constructor.
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+
     def live(self) -> bool:
         """Triton's liveness (`/v2/health/live`)."""
-        return bool(self._call(self._client.is_server_live))
+        return bool(self._call(self._client.is_server_live, **self._deadline()))
 
     def ready(self) -> bool:
         """Triton and the model ready (`/v2/health/ready` and the model's ready endpoint)."""
-        return bool(self._call(self._client.is_server_ready)
-                    and self._call(self._client.is_model_ready, self.model))
+        return bool(self._call(self._client.is_server_ready, **self._deadline())
+                    and self._call(self._client.is_model_ready, self.model,
+                                   **self._deadline()))
 
     def predict(self, image: np.ndarray, classes: Sequence[str] | None = None
                 ) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -98,8 +104,8 @@ class SegmentationClient:
             names = np.array([[c.encode("utf-8") for c in classes]], dtype=np.object_)
             inputs.append(self._input(CLASSES, names))
         outputs = [self._tc.InferRequestedOutput(LABELS), self._tc.InferRequestedOutput(CLASS_NAMES)]
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self._call(self._client.infer, self.model, inputs, outputs=outputs, **kwargs)
+        result = self._call(self._client.infer, self.model, inputs, outputs=outputs,
+                            **self._deadline())
         labels = result.as_numpy(LABELS)[0]
         names = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n)
                       for n in result.as_numpy(CLASS_NAMES)[0])

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -150,19 +152,20 @@ def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | N
     from .video import VideoWriter
 
     k = seg.vocabulary.num_classes
-    live = {s.name: s.live for s in sources}
+    stream = Stream(seg, sources, max_age_ms=max_age_ms, max_frames=max_frames)
+    names = [s.name for s in stream.sources]  # made unique by Stream: they name the files
+    live = {s.name: s.live for s in stream.sources}
+    written = dict.fromkeys(names, 0)
     writers: dict[str, VideoWriter] = {}
     first: dict[str, float] = {}
     log_path = out / "frames.jsonl"
-    log_file = None
-    status = _Status([s.name for s in sources], max_frames)
-    stream = Stream(seg, sources, max_age_ms=max_age_ms, max_frames=max_frames)
-    interrupted, ok = False, False
+    log_file = open(log_path, "w", encoding="utf-8")  # this run's frames, not a previous run's
+    status = _Status(names, max_frames)
+    stop = _GracefulInterrupt(stream)
+    ok = False
     try:
-        with stream:
-            for r in stream:
-                if log_file is None:  # made with the first frame: a failed start leaves none
-                    log_file = open(log_path, "w", encoding="utf-8")
+        with stop, stream:
+            for r in stream:  # Ctrl-C ends the loop between frames: every output stays whole
                 record = {"source": r.source, "frame": r.frame, "pts": r.pts,
                           "captured": round(r.captured, 4), "latency_ms": round(r.latency_ms, 2),
                           "waited_ms": round(r.waited_ms, 2), "infer_ms": round(r.infer_ms, 2),
@@ -175,30 +178,58 @@ def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | N
                 t = r.pts if r.pts is not None and not live[r.source] else r.captured
                 t0 = first.setdefault(r.source, t)
                 writers[r.source].write(overlay(r.image, r.prediction.labels, k), t - t0)
+                written[r.source] += 1
                 status.update(r, stream.stats()[r.source])
         ok = True
-    except KeyboardInterrupt:
-        interrupted = ok = True
+    except KeyboardInterrupt:  # a second Ctrl-C: out now, but with the videos so far
+        ok = True
+        raise
     finally:
         status.close()
-        if log_file is not None:
-            log_file.close()
+        log_file.close()
+        if not any(written.values()):
+            log_path.unlink(missing_ok=True)
         for w in writers.values():
             # An error drops the videos (a failed file leaves none); the end, Ctrl-C and a lost
             # live source keep what was recorded, playable.
             w.close() if ok else w.abort()
     summary = {}
     stats = stream.stats()
-    for s in sources:
+    for s in stream.sources:
         st = stats[s.name]
         video = writers[s.name].path if s.name in writers else None
-        summary[s.location] = {
+        key = s.location if s.location not in summary else s.name  # the same URL twice
+        summary[key] = {
             "name": s.name, "overlay": video and str(video), "frames": str(log_path),
-            "processed": st.processed, "decoded": st.decoded, "dropped": st.dropped,
+            "processed": written[s.name], "decoded": st.decoded, "dropped": st.dropped,
             "corrupt": st.corrupt, "reconnects": st.reconnects, **status.summary(s.name)}
-        print(f"  {s.location} -> {video} ({st.processed} frames, {st.dropped} dropped), "
+        print(f"  {s.location} -> {video} ({written[s.name]} frames, {st.dropped} dropped), "
               f"{log_path}")
-    return summary, interrupted
+    return summary, stop.interrupted
+
+
+class _GracefulInterrupt:
+    """While active, the first Ctrl-C (SIGINT) asks `stream` to stop between frames instead
+    of raising wherever the main thread happens to be; a second one raises KeyboardInterrupt
+    as usual. Only in the main thread (where Python delivers signals)."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.interrupted, self._previous = stream, False, None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.stream.stop()
+
+    def __enter__(self) -> "_GracefulInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class _Status:

@@ -45,9 +45,9 @@ from .options import add_backend_arguments, nonneg_int, positive_int
 from .preprocess import InputError
 from .vocabulary import VocabularyError
 
-__all__ = ["MODEL_NAME", "DEFAULT_MAX_IMAGE_SIDE", "SegmentationModel", "ServeOptions",
-           "add_arguments", "build_parser", "run", "main", "python_library_env",
-           "check_port_free", "serve"]
+__all__ = ["MODEL_NAME", "DEFAULT_MAX_IMAGE_SIDE", "IMAGE", "CLASSES", "LABELS", "CLASS_NAMES",
+           "SegmentationModel", "ServeOptions", "add_arguments", "build_parser", "run", "main",
+           "python_library_env", "check_port_free", "serve"]
 
 MODEL_NAME = "partclipseg"
 # 4096 px a side: past 4K video (3840 x 2160); a 4096^2 frame is 48 MiB in and 64 MiB of labels
@@ -246,6 +246,9 @@ def serve(segmenter: Any, options: ServeOptions = ServeOptions()) -> None:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    # Once: a second SIGTERM during the drain would raise inside PyTriton's stop() and leave
+    # tritonserver behind.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

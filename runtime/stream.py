@@ -44,6 +44,8 @@ __all__ = ["Stream", "Source", "StreamResult", "SourceStats", "SourceError"]
 
 log = logging.getLogger("runtime.stream")
 
+MAX_DEMUX_FAILURES = 100
+
 
 class SourceError(UserError):
     """A source that cannot be opened (a wrong address, no sender, a busy camera)."""
@@ -113,11 +115,26 @@ def _is_url(location: str) -> bool:
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", location) is not None
 
 
+def _unique_names(sources: Sequence["Source"]) -> None:
+    """Rename sources that share a name to name-1, name-2, ... (names key output files)."""
+    names = collections.Counter(s.name for s in sources)
+    seen: collections.Counter[str] = collections.Counter()
+    for s in sources:
+        if names[s.name] > 1:
+            seen[s.name] += 1
+            s.name = f"{s.name}-{seen[s.name]}"
+
+
 def _default_name(location: str) -> str:
     """"udp://127.0.0.1:5000?x=1" -> "udp-127.0.0.1-5000"; "/dev/video0" -> "video0";
-    "clips/a.mp4" -> "a": usable as a file name."""
+    "clips/a.mp4" -> "a": usable as a file name. A URL's user:password@ is left out: the name
+    lands in file names, frames.jsonl and the log."""
     if _is_url(location):
-        name = re.sub(r"[^A-Za-z0-9.]+", "-", location.split("?")[0]).strip("-")
+        scheme, rest = location.split("://", 1)
+        rest = rest.split("?")[0].split("#")[0]
+        host, slash, path = rest.partition("/")
+        name = re.sub(r"[^A-Za-z0-9.]+", "-", f"{scheme}-{host.rpartition('@')[2]}{slash}{path}")
+        name = name.strip("-")
     else:
         name = Path(location).stem
     return name or "source"
@@ -195,6 +212,7 @@ class Source:
                 and self._slot is None and not self._queue)
 
     def _open(self, timeout_s: float) -> Any:
+        """The container, or av.error.FFmpegError / OSError."""
         import av
 
         # No timeout for a regular file: a read there never waits for a sender.
@@ -209,8 +227,9 @@ class Source:
         index = itertools.count()
         while not self._stop.is_set():
             try:
-                container = self._open(self.read_timeout_s if opened_once
-                                       else self.open_timeout_s)
+                # Reopens too get open_timeout_s: opening waits for a key frame, and cameras
+                # send one every few seconds.
+                container = self._open(self.open_timeout_s)
             except (av.error.FFmpegError, OSError) as e:
                 if not opened_once:  # never opened: the address is wrong, say which
                     self._fail(SourceError(f"cannot open source {self.location!r}: {e} (check "
@@ -258,9 +277,11 @@ class Source:
         stream.thread_type = "SLICE" if self.live else "AUTO"
         pace = self.live and self.is_file
         t0: float | None = None
+        failures = 0  # demuxer errors in a row, without a packet between them
         while not self._stop.is_set():
             try:
                 for packet in container.demux(stream):
+                    failures = 0
                     if self._stop.is_set():
                         return None
                     if packet.is_corrupt:
@@ -278,8 +299,11 @@ class Source:
                                              None if frame.time is None else float(frame.time),
                                              time.time(), time.monotonic()))
                 return None  # the end of the stream (a file's, or a sender's)
-            except av.error.InvalidDataError:
-                self.stats.corrupt += 1  # demuxer resyncs on the next call
+            except av.error.InvalidDataError as e:
+                self.stats.corrupt += 1  # the demuxer resyncs on the next call, mostly
+                failures += 1
+                if failures >= MAX_DEMUX_FAILURES:  # it does not: a damaged file, a dead feed
+                    return f"{failures} unreadable packets in a row ({e})"
             except (av.error.FFmpegError, OSError) as e:
                 return str(e)
         return None
@@ -349,17 +373,14 @@ class Stream:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         if max_age_ms is not None and max_age_ms <= 0:
             raise ValueError(f"max_age_ms must be > 0, got {max_age_ms}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.segmenter = segmenter
         self.sources = [s if isinstance(s, Source) else Source(s) for s in sources]
         if live is not None:
             for s in self.sources:
                 s.live = live
-        names = collections.Counter(s.name for s in self.sources)
-        seen: collections.Counter[str] = collections.Counter()
-        for s in self.sources:  # unique names: they name output files
-            if names[s.name] > 1:
-                seen[s.name] += 1
-                s.name = f"{s.name}-{seen[s.name]}"
+        _unique_names(self.sources)
         self.max_age_s = None if max_age_ms is None else max_age_ms / 1e3
         self.max_frames = max_frames
         self.max_batch = max_batch or len(self.sources)
@@ -369,6 +390,7 @@ class Stream:
         self._cond = threading.Condition()
         self._turn = 0  # the source served first in the next batch: fairness
         self._started = False
+        self._stopping = threading.Event()
 
     def set_classes(self, classes: ClassRequest | None) -> None:
         """Predict over `classes` from the next batch on (None: the Segmenter's vocabulary).
@@ -384,8 +406,14 @@ class Stream:
                 s.start(self._cond)
         return self
 
+    def stop(self) -> None:
+        """End the iteration after the frames already taken are labelled. Returns at once;
+        safe from another thread or a signal handler (it takes no lock the loop may hold)."""
+        self._stopping.set()
+
     def close(self) -> None:
         """Stop every reader, join its thread, close its container. Idempotent."""
+        self._stopping.set()
         for s in self.sources:  # all at once: their timeouts overlap instead of adding up
             s.request_stop()
         for s in self.sources:
@@ -412,26 +440,29 @@ class Stream:
     def __iter__(self) -> Iterator[StreamResult]:
         self.start()
         while True:
-            batch = self._next_batch()
+            batch, picked = self._next_batch()
             if not batch:
                 return
-            yield from self._label(batch)
+            yield from self._label(batch, picked)
 
     # -- internals ----------------------------------------------------------------------------
     def _active(self) -> list[Source]:
         return [s for s in self.sources if not s.finished and (
             self.max_frames is None or s.stats.processed < self.max_frames)]
 
-    def _next_batch(self) -> list[tuple[Source, _Frame]]:
-        """Wait until frames are ready, then take at most one per source, in turn."""
+    def _next_batch(self) -> tuple[list[tuple[Source, _Frame]], float]:
+        """Wait until frames are ready, then take at most one per source, in turn. Returns them
+        and the moment they were taken (their ages were checked against it)."""
         with self._cond:
             while True:
+                if self._stopping.is_set():
+                    return [], 0.0
                 for s in self.sources:
                     if s.error is not None:
                         raise s.error
                 active = self._active()
                 if not active:
-                    return []
+                    return [], 0.0
                 n = len(self.sources)
                 order = [self.sources[(self._turn + i) % n] for i in range(n)]
                 now = time.monotonic()
@@ -443,11 +474,11 @@ class Stream:
                             batch.append((s, frame))
                 if batch:
                     self._turn = (self.sources.index(batch[-1][0]) + 1) % n
-                    return batch
+                    return batch, now
                 self._cond.wait(0.05)  # also polls readers that exited without notifying
 
-    def _label(self, batch: list[tuple[Source, _Frame]]) -> Iterator[StreamResult]:
-        picked = time.monotonic()
+    def _label(self, batch: list[tuple[Source, _Frame]], picked: float
+               ) -> Iterator[StreamResult]:
         images = [f.decoded.to_ndarray(format="rgb24") for _, f in batch]
         t0 = time.perf_counter()
         preds = self.segmenter.predict_batch(images, classes=self._classes)

@@ -212,6 +212,7 @@ def test_runtime_imports_no_torch():
     assert_imports_none("import runtime, runtime.postprocess, runtime.preprocess, "
                         "runtime.vocabulary, runtime.segmenter, runtime.bundle, runtime.overlay, "
                         "runtime.predict, runtime.serve, runtime.client, runtime.text, runtime.io, "
+                        "runtime.stream, runtime.video, runtime.options, "
                         "runtime.errors, "
                         "runtime.backends.onnxruntime, runtime.backends.tensorrt, "
                         "runtime.backends.torch", ("torch", "open_clip", "partclipseg"))

@@ -54,13 +54,18 @@ def live(url: str, **kw: Any) -> Source:
 
 
 def take(stream: Stream, n: int, timeout_s: float = 20.0) -> list[Any]:
-    results, deadline = [], time.monotonic() + timeout_s
-    for r in stream:
-        results.append(r)
-        if len(results) == n:
-            return results
-        assert time.monotonic() < deadline, f"only {len(results)} of {n} frames in {timeout_s} s"
-    raise AssertionError(f"the stream ended after {len(results)} of {n} frames")
+    """The next n results; a stream that yields none for timeout_s fails instead of hanging."""
+    results = []
+    watchdog = threading.Timer(timeout_s, stream.stop)  # ends the iteration, not the stream
+    watchdog.start()
+    try:
+        for r in stream:
+            results.append(r)
+            if len(results) == n:
+                return results
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"only {len(results)} of {n} frames in {timeout_s} s")
 
 
 def test_a_slow_consumer_gets_the_newest_frames_and_counts_the_rest(micro_seg, sender):
@@ -74,7 +79,7 @@ def test_a_slow_consumer_gets_the_newest_frames_and_counts_the_rest(micro_seg, s
     assert (gaps >= 1).all() and np.median(gaps) >= 3, gaps  # the newest frame, not the next
     assert results[-1].dropped >= 2 * len(results)
     assert max(r.waited_ms for r in results) <= 100
-    assert max(r.waited_ms for r in results[1:]) < 2 * 1e3 / FPS + 20  # picked fresh
+    assert np.median([r.waited_ms for r in results]) < 1e3 / FPS + 20  # picked fresh
     # Bounded: every decoded frame was labelled, dropped, or is the one waiting.
     assert stats.decoded - stats.processed - stats.dropped <= 1
     assert all(r.latency_ms >= r.waited_ms + 150 for r in results)
@@ -83,11 +88,12 @@ def test_a_slow_consumer_gets_the_newest_frames_and_counts_the_rest(micro_seg, s
 def test_stale_frames_are_dropped_not_labelled(micro_seg, sender):
     """A max_age_ms shorter than the frame interval: frames that waited longer are counted as
     stale, and none is labelled."""
-    with Stream(Recording(micro_seg, delay_s=0.05), [live(sender.url)], max_age_ms=5) as stream:
+    with Stream(Recording(micro_seg, delay_s=0.05), [live(sender.url)],
+                max_age_ms=15) as stream:
         results = take(stream, 5)
         stats = stream.stats()[results[0].source]
     assert stats.dropped_stale > 0
-    assert max(r.waited_ms for r in results) <= 5
+    assert max(r.waited_ms for r in results) <= 15
 
 
 def test_a_killed_sender_is_reconnected_and_the_stream_goes_on(micro_seg, sender, caplog):
@@ -108,15 +114,29 @@ def test_a_killed_sender_is_reconnected_and_the_stream_goes_on(micro_seg, sender
     assert any("reconnected" in m for m in caplog.messages)
 
 
+def ts_garbage(rng: np.random.Generator, pid: int = 0x100) -> bytes:
+    """7 MPEG-TS packets (one datagram) of random payload on `pid` (FFmpeg's first stream),
+    with random continuity counters: they pass the demuxer's sync check and break the video's
+    packets, as a lossy link does."""
+    out = bytearray()
+    for _ in range(7):
+        cc = int(rng.integers(0, 16))
+        out += bytes([0x47, (pid >> 8) & 0x1F, pid & 0xFF, 0x10 | cc])
+        out += rng.integers(0, 256, 184, dtype=np.uint8).tobytes()
+    return bytes(out)
+
+
 def test_garbage_on_the_port_is_skipped(micro_seg, sender):
     with Stream(micro_seg, [live(sender.url)]) as stream:
         first = take(stream, 3)
         rng = np.random.default_rng(0)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for _ in range(3):  # three bursts: datagrams of random bytes among the stream's
-                for _ in range(40):
+            for _ in range(3):  # three bursts among the stream's own datagrams
+                for _ in range(20):  # random bytes: the demuxer skips them
                     s.sendto(rng.integers(0, 256, 1316, dtype=np.uint8).tobytes(),
                              ("127.0.0.1", sender.port))
+                for _ in range(10):  # TS packets on the video's PID: broken video packets
+                    s.sendto(ts_garbage(rng), ("127.0.0.1", sender.port))
                 time.sleep(0.1)
         later = take(stream, 10)
         stats = stream.stats()[first[0].source]
@@ -157,6 +177,16 @@ def test_close_joins_every_reader(micro_seg, sender):
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("source-")]
     assert stream.stats()[stream.sources[0].name].state == "closed"
+
+
+def test_names_are_unique_and_keep_no_credentials(micro_seg):
+    url = "rtsp://admin:secret@cam.local:554/live/1?token=x"
+    assert Source(url).name == "rtsp-cam.local-554-live-1"
+    stream = Stream(micro_seg, [url, url, Source(url, name="door")])
+    assert [s.name for s in stream.sources] == ["rtsp-cam.local-554-live-1-1",
+                                                "rtsp-cam.local-554-live-1-2", "door"]
+    with pytest.raises(ValueError, match="max_batch"):
+        Stream(micro_seg, [url], max_batch=0)
 
 
 def test_a_source_that_does_not_exist_is_named(micro_seg, tmp_path):
