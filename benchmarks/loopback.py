@@ -22,16 +22,28 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LoopbackSender", "free_udp_port", "pattern", "build_parser", "main"]
+__all__ = ["LoopbackSender", "free_ports", "free_udp_port", "pattern", "build_parser", "main"]
 
 HOST = "127.0.0.1"
 
 
+def free_ports(n: int, udp: bool = False) -> list[int]:
+    """n distinct TCP (or UDP) ports on 127.0.0.1 that nothing is bound to right now (all
+    bound at once, so they differ)."""
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    socks = [socket.socket(socket.AF_INET, kind) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((HOST, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_udp_port() -> int:
     """A UDP port on 127.0.0.1 that nothing is bound to right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, udp=True)[0]
 
 
 def pattern(i: int, size: int) -> np.ndarray:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from benchmarks.loopback import free_ports
 from benchmarks.timing import cpu_name, time_calls
 
 __all__ = ["Server", "start_server", "Load", "run_load", "in_process", "measure", "build_parser",
@@ -69,16 +69,6 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:] if self.log else ""
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @contextlib.contextmanager
 def start_server(bundle: str | Path, extra: Sequence[str] = (), log: Path | None = None
                  ) -> Iterator[Server]:
@@ -86,7 +76,7 @@ def start_server(bundle: str | Path, extra: Sequence[str] = (), log: Path | None
     on exit."""
     from runtime.client import SegmentationClient
 
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     out = open(log, "wb") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.serve", "--bundle", str(bundle), "--http-port",

@@ -249,8 +249,12 @@ class _Status:
         bar.set_postfix_str(self._line(r.source, stats.dropped, stats.reconnects), refresh=False)
         bar.update(1)
 
-    def _line(self, name: str, dropped: int, reconnects: int) -> str:
+    def _p50_p99(self, name: str) -> tuple[float, float]:
         p50, p99 = np.percentile(self._latency[name], [50, 99])
+        return float(p50), float(p99)
+
+    def _line(self, name: str, dropped: int, reconnects: int) -> str:
+        p50, p99 = self._p50_p99(name)
         return (f"latency p50 {p50:.0f} ms p99 {p99:.0f} ms, dropped {dropped}"
                 + (f", reconnects {reconnects}" if reconnects else ""))
 
@@ -259,9 +263,9 @@ class _Status:
         seconds = time.monotonic() - self._start[name]
         if not lat:
             return {"fps": 0.0, "latency_ms": None}
-        p50, p99 = np.percentile(lat, [50, 99])
+        p50, p99 = self._p50_p99(name)
         return {"fps": round(self._bars[name].n / seconds, 2),
-                "latency_ms": {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}}
+                "latency_ms": {"p50": round(p50, 2), "p99": round(p99, 2)}}
 
     def close(self) -> None:
         for bar in self._bars.values():

@@ -11,7 +11,6 @@ backend loading and running it (docs/serving.md).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 
 import numpy as np
@@ -106,12 +105,9 @@ def test_pytritons_tritonserver_reads_the_config_and_stops_at_the_missing_backen
 
     dist = os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
     write_triton_model(labels_bundle, tmp_path / "repo", device="cpu")
-    socks = [socket.socket() for _ in range(3)]
-    for sk in socks:
-        sk.bind(("127.0.0.1", 0))
-    ports = [str(sk.getsockname()[1]) for sk in socks]
-    for sk in socks:
-        sk.close()
+    from benchmarks.loopback import free_ports
+
+    ports = [str(p) for p in free_ports(3)]
     env = {**os.environ, "LD_LIBRARY_PATH": f"{get_libs_path()}:"
            f"{os.environ.get('LD_LIBRARY_PATH', '')}"}
     run = subprocess.run(
