@@ -45,6 +45,12 @@ __all__ = ["Stream", "Source", "StreamResult", "SourceStats", "SourceError"]
 log = logging.getLogger("runtime.stream")
 
 MAX_DEMUX_FAILURES = 100
+# Stream.close() waits at most this long for all readers together. A reader blocked inside
+# FFmpeg (an open that waits for a sender, up to open_timeout_s) cannot be interrupted: PyAV
+# exposes no interrupt callback. Such a reader is left to finish on its own; it delivers
+# nothing after close() (every hand-off checks the stop flag under the lock) and closes its
+# container when FFmpeg returns.
+CLOSE_WAIT_S = 0.5
 
 
 class SourceError(UserError):
@@ -193,17 +199,26 @@ class Source:
 
     def request_stop(self) -> None:
         """Ask the reader to stop, without waiting for it."""
-        self._stop.set()
+        with self._cond:
+            self._stop.set()
 
     def stop(self, join_s: float | None = None) -> None:
-        """Ask the reader to stop and wait for it: it closes its container itself (PyAV
-        containers are not shared across threads). A blocked read ends within its timeout."""
-        self._stop.set()
+        """Ask the reader to stop and wait for it, at most `join_s` (default: until a blocked
+        open or read times out). It closes its container itself (PyAV containers are not
+        shared across threads). Once this returns the source is "closed" (unless it had ended
+        or failed) and holds no frame: a reader still
+        blocked in FFmpeg delivers nothing more and closes its container when FFmpeg returns."""
         with self._cond:
+            self._stop.set()
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(join_s if join_s is not None else
                               max(self.open_timeout_s, self.read_timeout_s) + 1.0)
+        with self._cond:
+            if self.stats.state in ("opening", "reading", "reconnecting"):
+                self.stats.state = "closed"  # "ended" and "failed" say more: kept
+            self._slot = None
+            self._queue.clear()
 
     @property
     def finished(self) -> bool:
@@ -231,6 +246,8 @@ class Source:
                 # send one every few seconds.
                 container = self._open(self.open_timeout_s)
             except (av.error.FFmpegError, OSError) as e:
+                if self._stop.is_set():  # closed while opening: nothing to report
+                    break
                 if not opened_once:  # never opened: the address is wrong, say which
                     self._fail(SourceError(f"cannot open source {self.location!r}: {e} (check "
                                            "the address, that the sender is running, and that a "
@@ -241,6 +258,9 @@ class Source:
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, self.backoff_s[1])
                 continue
+            if self._stop.is_set():  # closed while opening: close what it opened, deliver none
+                container.close()
+                break
             if opened_once:
                 self.stats.reconnects += 1
                 log.warning("%s: reconnected (reconnect %d)", self.name, self.stats.reconnects)
@@ -310,6 +330,8 @@ class Source:
 
     def _publish(self, frame: _Frame) -> None:
         with self._cond:
+            if self._stop.is_set():  # closed (or stopping): nothing is handed over any more
+                return
             self.stats.decoded += 1
             if self.live:
                 if self._slot is not None:
@@ -319,17 +341,23 @@ class Source:
                 # Complete: at most two frames wait; the reader waits for the consumer.
                 while len(self._queue) >= 2 and not self._stop.is_set():
                     self._cond.wait(0.1)
+                if self._stop.is_set():
+                    return
                 self._queue.append(frame)
             self._cond.notify_all()
 
     def _fail(self, error: SourceError) -> None:
         with self._cond:
+            if self._stop.is_set():  # a failure after close() is nobody's business
+                return
             self.error = error
             self.stats.state = "failed"
             self._cond.notify_all()
 
     def _set_state(self, state: str) -> None:
         with self._cond:
+            if self._stop.is_set() and state != "closed":
+                return
             if self.stats.state != "failed":
                 self.stats.state = state
             self._cond.notify_all()
@@ -412,12 +440,20 @@ class Stream:
         self._stopping.set()
 
     def close(self) -> None:
-        """Stop every reader, join its thread, close its container. Idempotent."""
+        """Stop every reader; returns within about CLOSE_WAIT_S (0.5 s), whatever each source
+        is doing (opening, reading, reconnecting). Readers that stop in that time are joined
+        and their containers closed; one blocked inside FFmpeg (an open waiting for a sender)
+        finishes on its own within its timeout, delivers nothing after this returns, and
+        closes its container. A source that had not ended or failed reads "closed".
+        Idempotent."""
         self._stopping.set()
-        for s in self.sources:  # all at once: their timeouts overlap instead of adding up
+        for s in self.sources:  # all at once: their waits overlap instead of adding up
             s.request_stop()
+        deadline = time.monotonic() + CLOSE_WAIT_S
         for s in self.sources:
-            s.stop()
+            s.stop(join_s=max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            self._cond.notify_all()
 
     def __enter__(self) -> "Stream":
         return self.start()

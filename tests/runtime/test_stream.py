@@ -179,6 +179,76 @@ def test_close_joins_every_reader(micro_seg, sender):
     assert stream.stats()[stream.sources[0].name].state == "closed"
 
 
+def test_close_returns_at_once_whatever_each_source_is_doing(micro_seg, sender):
+    """One source reading, one still opening (nobody sends to its port, so its reader waits
+    inside FFmpeg's open, up to open_timeout_s = 10 s): close() does not wait for it, nothing
+    is delivered after close() returns, and both readers end and close what they opened."""
+    silent = Source(f"udp://127.0.0.1:{free_udp_port()}", name="silent", open_timeout_s=10.0)
+    opened: list[Any] = []
+    open_container = silent._open
+
+    def recording_open(timeout_s: float) -> Any:
+        container = open_container(timeout_s)
+        opened.append(container)
+        return container
+
+    silent._open = recording_open  # type: ignore[method-assign]
+    stream = Stream(micro_seg, [live(sender.url), silent])
+    results = take(stream, 3)
+    assert stream.stats()["silent"].state == "opening"
+    t0 = time.monotonic()
+    stream.close()
+    took = time.monotonic() - t0
+    after = stream.stats()
+    assert took < 1.0, f"close() took {took:.2f} s"
+    assert {s.state for s in after.values()} == {"closed"}, after
+    readers = [s._thread for s in stream.sources]
+    deadline = time.monotonic() + 20  # the silent reader returns when its open times out
+    while any(t.is_alive() for t in readers):
+        assert time.monotonic() < deadline, "a reader thread outlived its open timeout"
+        time.sleep(0.05)
+    assert stream.stats() == after  # nothing decoded, delivered or changed after close()
+    assert all(s._slot is None and not s._queue for s in stream.sources)
+    assert results[0].source == stream.sources[0].name and not opened  # it never opened
+    stream.close()  # idempotent
+
+
+def test_a_source_closed_while_opening_closes_what_it_opens(micro_seg, sender):
+    """close() lands while FFmpeg's open is under way; the open then succeeds: the reader
+    closes that container at once and delivers no frame."""
+    source = live(sender.url)
+    closed: list[Any] = []
+    gate, release = threading.Event(), threading.Event()
+    open_container = source._open
+
+    def slow_open(timeout_s: float) -> Any:
+        container = open_container(timeout_s)
+        gate.set()
+        release.wait(10)  # close() happens here, after FFmpeg opened the stream
+        real_close = container.close
+        container_close = lambda: (closed.append(container), real_close())  # noqa: E731
+        return _Closing(container, container_close)
+
+    source._open = slow_open  # type: ignore[method-assign]
+    stream = Stream(micro_seg, [source]).start()
+    assert gate.wait(20), "the sender's stream never opened"
+    stream.close()
+    release.set()
+    source._thread.join(10)
+    assert not source._thread.is_alive()
+    assert len(closed) == 1 and stream.stats()[source.name].decoded == 0
+
+
+class _Closing:
+    """A container whose close() is recorded."""
+
+    def __init__(self, container: Any, close: Any):
+        self._container, self.close = container, close
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._container, name)
+
+
 def test_names_are_unique_and_keep_no_credentials(micro_seg):
     url = "rtsp://admin:secret@cam.local:554/live/1?token=x"
     assert Source(url).name == "rtsp-cam.local-554-live-1"
