@@ -13,6 +13,7 @@ failing loudly above tolerance; write the manifest. The bundle is staged and swa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import sys
 import time
@@ -77,12 +78,17 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         vocabulary in zero-padded slots sized by `slots` {"max_parts", "max_objects",
         "max_classes"}, default `export.fast.DEFAULT_SLOTS`); None: none.
     int8: also write the INT8 twin of every FP32 graph (`export.int8`, for CPUs), calibrated on
-        `calibration` (a folder of images; default: the checkpoint's training images) and
-        checked against the FP32 graph on held-out images (Pred-All labels equal on at least
-        `int8_min_agreement` of the pixels, default `export.int8.MIN_AGREEMENT`). int8_method:
-        "static" (default, `export.int8.DEFAULT_METHOD`) or "dynamic".
+        `calibration` (a folder of images; default: the checkpoint's training images).
+        int8_method: "static" (default, `export.int8.DEFAULT_METHOD`) or "dynamic".
+    Every bundle gets a check set (`export.check`): held-out images (the checkpoint's
+    validation images, else images held out of calibration, else seeded noise) with PyTorch
+    FP32's Pred-All labels and each precision's least share of equal labels
+    (`export.check.MIN_AGREEMENT`; `int8_min_agreement` overrides INT8's). Every graph runs
+    it here, through `runtime.check`, as `partclipseg check` runs it where the bundle is
+    deployed.
     Raises ExportError when a graph disagrees with PyTorch beyond the tolerances (relative L2
-    of the logits on `check_batch` fresh random images), or an INT8 graph with its FP32 one.
+    of the logits on `check_batch` fresh random images), or an INT8 graph's check labels fall
+    below its threshold; nothing is written then.
     """
     import torch
 
@@ -101,13 +107,23 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
                          "graph) needs opset 17 or newer")
     if image_dtype not in ("uint8", "float32"):
         raise ValueError(f"image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
+    if int8_min_agreement is not None and not 0.0 <= int8_min_agreement <= 1.0:
+        raise ValueError(f"--int8-min-agreement {int8_min_agreement} must be a share between 0 "
+                         "and 1 (0.99: 99% of labels equal to PyTorch FP32's)")
     t_start = time.perf_counter()
     ckpt = Path(ckpt)
     model, vocab, record = load_model(ckpt)
+    from .check import MIN_AGREEMENT, check_image_files, write_check_set
+
+    train_config = record.get("train_config") or {}
+    int8_images: list[Path] = []
     if int8:  # find the calibration images before anything is exported
         from .int8 import calibration_images
 
-        int8_images = calibration_images(calibration, record.get("train_config") or {})
+        int8_images = calibration_images(calibration, train_config)
+    check_files, int8_images, check_source = check_image_files(train_config, int8_images)
+    thresholds = {**MIN_AGREEMENT, **({"int8": int8_min_agreement}
+                                      if int8_min_agreement is not None else {})}
     if image_size and image_size != model.cfg.image_size:
         patch = model.cfg.patch_size
         if image_size % patch:
@@ -183,16 +199,17 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         if int8:
             from .int8 import DEFAULT_METHOD, write_int8_graphs
 
-            try:
-                int8_files, int8_parity = write_int8_graphs(
-                    stage, files, arrays, {n: t for n, t in inputs.items() if n != spec.IMAGE},
-                    vocab.class_objects, int8_images, size, image_dtype, fast_info,
-                    int8_method or DEFAULT_METHOD, min_agreement=int8_min_agreement, log=_log)
-            except ValueError as e:
-                raise ExportError(str(e)) from e
+            int8_files, int8_parity = write_int8_graphs(
+                stage, files, arrays, {n: t for n, t in inputs.items() if n != spec.IMAGE},
+                int8_images, size, image_dtype, fast_info, int8_method or DEFAULT_METHOD,
+                log=_log)
             files.update(int8_files)
             parities.update(int8_parity)
             precisions += ("int8",)
+        check = write_check_set(stage, logits_graph, arrays, vocab.class_names,
+                                vocab.class_objects, check_files, check_source, size,
+                                image_dtype, thresholds)
+        files["check"] = spec.CHECK_FILE
         outputs = dict(logits_graph.output_specs())
         if labels:
             outputs.update(DeployModel(model, CLIP_MEAN, CLIP_STD, labels=True).output_specs())
@@ -206,11 +223,48 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
             precisions=precisions, producer=_versions(),
             fast=fast_info,
             text=text_info,
+            check=check,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         ).with_files(stage, files)
         write_manifest(stage, manifest)
+        manifest = _record_check(stage, manifest)
     _log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s")
     return manifest.replace(path=Path(out) / spec.MANIFEST)
+
+
+def _record_check(stage: Path, manifest: Any) -> Any:
+    """Run the staged bundle's check set through every graph here (`export.check.measure`),
+    record the results in its manifest and return it; ExportError when an INT8 graph falls
+    below its threshold (a float graph below its own is logged: a random-init model's labels
+    are near-ties)."""
+    from runtime.check import machine
+
+    from .bundle import write_manifest
+    from .check import measure
+
+    measured = measure(stage, log=_log)
+    limits = manifest.check.min_agreement
+    for key, agree in measured.items():
+        precision = key.split("/")[0]
+        if agree >= limits[precision]:
+            continue
+        shown = (f"{key} labels agree with PyTorch FP32's on {100 * agree:.2f}% of the check "
+                 f"images' pixels (< {100 * limits[precision]:.1f}%)")
+        if precision == "int8":
+            raise ExportError(f"{shown}; the bundle was not written (the previous one, if any, "
+                              "is untouched)")
+        _log(f"  warning: {shown}: `partclipseg check` will report it")
+    parity = {k: dict(v) for k, v in manifest.onnx.parity.items()}
+    for key in parity:
+        if key.startswith("int8"):
+            route = "" if key == "int8" else ("/labels" if key == "int8_labels" else "/fast")
+            parity[key].update(label_agreement=measured[f"int8{route}"],
+                               images=manifest.check.images)
+    manifest = manifest.replace(
+        check=manifest.check.replace(exported=measured, machine=machine()),
+        onnx=dataclasses.replace(manifest.onnx, parity=parity))
+    write_manifest(stage, manifest)
+    return manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-method", choices=["static", "dynamic"],
                    help="--int8: calibrated static QDQ (default) or dynamic quantization")
     p.add_argument("--int8-min-agreement", type=float, metavar="SHARE",
-                   help="--int8: least share of Pred-All labels equal to FP32's (default 0.99)")
+                   help="--int8: least share of the check images' labels equal to PyTorch "
+                   "FP32's, here and where the bundle is checked (default 0.99)")
     p.add_argument("--fp32-tolerance", type=float, default=FP32_TOLERANCE)
     p.add_argument("--fp16-tolerance", type=float, default=FP16_TOLERANCE)
     return p

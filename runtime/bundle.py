@@ -9,6 +9,7 @@ A bundle folder holds
   model_labels.onnx, model_fp16_labels.onnx  label-map graphs (export --labels), optional
   model.engine      TensorRT FP16 engine (+ timing.cache), optional
   tokenizer.json, text.onnx, text_head.npz   the text side: new class names at run time
+  check.npz         held-out images with the exporter's PyTorch FP32 labels (`runtime.check`)
 
 Engine tensor names are defined here, once, and used by export.
 
@@ -52,14 +53,15 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMI
            "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "PART_FILM", "OBJECT_FILM",
            "CLASS_FILM", "CLASS_INDEX", "COLOUR_FILM", "OBJECT_VALID", "CLASS_VALID", "AXES",
            "axis_sizes", "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef",
-           "OnnxInfo", "EngineInfo", "TextInfo", "FastInfo", "Manifest", "read_manifest",
-           "read_vocab"]
+           "OnnxInfo", "EngineInfo", "TextInfo", "FastInfo", "CheckInfo", "CHECK_FILE", "Manifest",
+           "read_manifest", "read_vocab"]
 
 FORMAT = "partclipseg-bundle"
 FORMAT_VERSION = 2  # 2: the graph contract (TensorSpec rows / background / indexes)
 MANIFEST, VOCAB_FILE = "manifest.json", "vocab.npz"
 ENGINE, TIMING_CACHE = "model.engine", "timing.cache"
 TOKENIZER_FILE, TEXT_ONNX_FILE, TEXT_HEAD_FILE = "tokenizer.json", "text.onnx", "text_head.npz"
+CHECK_FILE = "check.npz"
 
 IMAGE = "image"
 LOGITS = "logits"
@@ -322,6 +324,44 @@ class TextInfo:
                    conditions, bool(d.get("object_words", False)))
 
 
+@dataclass(frozen=True)
+class CheckInfo:
+    """The bundle's check set (file "check": `CHECK_FILE`), which `runtime.check` runs where the
+    bundle is deployed.
+
+    images: how many held-out images (N) it holds, at the model's input size; classes: the
+        class names their labels index (the export vocabulary: `export.vocab` may change the
+        bundle's); source: where the images came from; min_agreement: {precision: least share
+        (0-1) of labels equal to the exporter's}; exported: {route key ("int8", "fp32/fast"):
+        the share measured on the exporting machine}; machine: that machine
+        (`runtime.check.machine`).
+    """
+
+    images: int
+    classes: tuple[str, ...]
+    source: str
+    min_agreement: Mapping[str, float]
+    exported: Mapping[str, float] = field(default_factory=dict)
+    machine: Mapping[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> "CheckInfo":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "classes": list(self.classes), "source": self.source,
+                "min_agreement": dict(self.min_agreement), "exported": dict(self.exported),
+                "machine": dict(self.machine)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CheckInfo":
+        limits = {str(k): float(v) for k, v in dict(d["min_agreement"]).items()}
+        if not all(0.0 <= v <= 1.0 for v in limits.values()):
+            raise ValueError(f"check thresholds {limits} must lie in [0, 1]")
+        return cls(int(d["images"]), tuple(str(c) for c in d["classes"]), str(d["source"]),
+                   limits, {str(k): float(v) for k, v in dict(d.get("exported") or {}).items()},
+                   dict(d.get("machine") or {}))
+
+
 # -- the manifest ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Manifest:
@@ -351,6 +391,7 @@ class Manifest:
     engine: EngineInfo | None = None
     text: TextInfo | None = None  # None: exported before the text side was (re-export for it)
     fast: FastInfo | None = None  # the fast slot graphs, when exported with --fast
+    check: CheckInfo | None = None  # None: exported before bundles checked themselves
     created: str = ""
     format_version: int = FORMAT_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was read from
@@ -398,6 +439,8 @@ class Manifest:
             d["text"] = self.text.to_dict()
         if self.fast is not None:
             d["fast"] = self.fast.to_dict()
+        if self.check is not None:
+            d["check"] = self.check.to_dict()
         return d
 
     @classmethod
@@ -435,6 +478,7 @@ class Manifest:
                     engine=opt("engine", EngineInfo.from_dict),
                     text=opt("text", TextInfo.from_dict),
                     fast=opt("fast", FastInfo.from_dict),
+                    check=opt("check", CheckInfo.from_dict),
                     created=str(raw.get("created", "")), format_version=version, path=path)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{where} lacks a valid field ({e!r}); re-export the bundle") from e

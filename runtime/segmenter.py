@@ -75,6 +75,8 @@ class Segmenter:
         self.precision = backend.precision
         self.max_classes = max_classes
         self.fast_labels = fast_labels
+        # "exact" (logits + numpy Pred-All), "labels" (label-map graph), "fast" (slot graphs)
+        self.route = getattr(backend, "route", "labels") if fast_labels else "exact"
         self._image_dtype = np.dtype(manifest.image_dtype)
         self._text: TextSide | None = None
         self._threads = threads  # CPU threads of the text encoder too
@@ -89,7 +91,8 @@ class Segmenter:
     def load(cls, bundle: str | Path, backend: str = "auto", device: str | None = None,
              precision: str | None = None, checkpoint: str | Path | None = None,
              threads: int | None = None, max_classes: int | None = None,
-             fast_labels: bool = False, slots: bool | None = None) -> "Segmenter":
+             fast_labels: bool = False, slots: bool | None = None,
+             verify: bool = False) -> "Segmenter":
         """Open a bundle folder.
 
         backend: "auto" (TensorRT engine if it can run here, else ONNX Runtime on CUDA, else on
@@ -109,6 +112,11 @@ class Segmenter:
             Oracle-Obj, scores or chunking: the per-class maps never leave the graph.
             The bundle's fast slot graphs (`export.onnx --fast`, every dimension static) when it
             has them; `slots=False` picks the dynamic label-map graph instead.
+        verify: run the bundle's check images through this backend before returning
+            (`runtime.check`): CheckError, naming the likely cause, when fewer of their labels
+            than the bundle's threshold for this precision equal the exporter's PyTorch
+            labels; BundleError when the bundle has no check images. Costs one batch of the
+            bundle's check images (8 by default; measured in docs/runtime.md).
         """
         if device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -124,7 +132,17 @@ class Segmenter:
         impl = open_backend(backend, manifest, BackendOptions(
             device, precision, threads, fast_labels, checkpoint, slots))
         limits = [n for n in (max_classes, impl.max_classes) if n]
-        return cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels, threads)
+        seg = cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels, threads)
+        if verify:
+            from .check import verify as run_check
+
+            try:
+                result = run_check(seg)
+            except BaseException:
+                seg.close()
+                raise
+            log.info("runtime: %s", result.line())
+        return seg
 
     @property
     def backend_name(self) -> str:

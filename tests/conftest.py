@@ -142,6 +142,38 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_micro_ckpt(tmp_path_factory, synth_root) -> Path:
+    """The micro model trained 40 steps on `synth_root` (~15 s): unlike a random-init model,
+    whose Pred-All labels are near-ties that any change of arithmetic flips, most of its labels
+    hold with a margin, so INT8 and FP16 tests measure our code, not the CPU. Its checkpoint
+    records `synth_root` as its data (calibration and check images come from there)."""
+    pytest.importorskip("torch")
+    from partclipseg.training.config import DataConfig, LossConfig, TrainConfig
+    from partclipseg.training.trainer import train
+
+    cfg = TrainConfig(model="micro", data=DataConfig(root=str(synth_root), val_limit=4),
+                      steps=40, batch_size=4, lr=2e-3, warmup_steps=2, grad_clip=1.0,
+                      eval_every=40, log_every=10, num_workers=0, seed=0,
+                      loss=LossConfig(kind="softmax"))
+    out = tmp_path_factory.mktemp("trained_micro")
+    train(cfg, out, progress=False)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tmp_path_factory, trained_micro_ckpt) -> Path:
+    """FP32 + INT8 bundle (logits, label-map and fast b2 graphs) of `trained_micro_ckpt`,
+    calibrated on its training images, with its 4 validation images as the check set."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("int8") / "b"
+    export_onnx(trained_micro_ckpt, out, fp16=False, labels=True, fast=[2],
+                slots={"max_parts": 16, "max_objects": 16, "max_classes": 96}, int8=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def fuzz_dir(tmp_path_factory) -> Path:
     """A scratch folder the fuzzing tests overwrite example after example."""
     return tmp_path_factory.mktemp("fuzz")

@@ -67,6 +67,7 @@ class SlotGraphs:
     Output: {"labels": (B, S, S) int32}."""
 
     name = "onnxruntime"
+    route = "fast"  # `Segmenter.route`
     max_classes = None  # the slots bound the vocabulary; `pad_to_slots` names an overflow
 
     @classmethod
