@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import UserError
-from .serve import CLASS_NAMES, CLASSES, IMAGE, LABELS, MODEL_NAME
+from .serve import CLASS_NAMES, CLASSES, ERROR, IMAGE, LABELS, MODEL_NAME
 
 __all__ = ["SegmentationClient", "ServerError", "PROTOCOLS"]
 
@@ -27,8 +27,8 @@ PROTOCOLS = ("http", "grpc")
 class ServerError(UserError):
     """The server refused a request (a bad image or class name) or could not be reached.
 
-    message: the server's reason, one line (PyTriton sends the model's traceback: its last
-        line is the reason); detail: the whole text it sent.
+    message: the server's reason, one line (a Triton error's text, or the model's `error`
+        output for a request the model refused); detail: the whole text it sent.
     """
 
     def __init__(self, message: str, detail: str = ""):
@@ -103,9 +103,20 @@ class SegmentationClient:
         if classes is not None:
             names = np.array([[c.encode("utf-8") for c in classes]], dtype=np.object_)
             inputs.append(self._input(CLASSES, names))
-        outputs = [self._tc.InferRequestedOutput(LABELS), self._tc.InferRequestedOutput(CLASS_NAMES)]
+        outputs = [self._tc.InferRequestedOutput(name) for name in (LABELS, CLASS_NAMES, ERROR)]
         result = self._call(self._client.infer, self.model, inputs, outputs=outputs,
                             **self._deadline())
+        # The model refuses a request (a bad class name, an oversized frame) by answering it
+        # with its reason in `error`, not with a Triton error: PyTriton would fail every
+        # request batched with it (runtime.serve).
+        error = result.as_numpy(ERROR)
+        if error is None:
+            raise ServerError(f"{self.url}: the answer has no {ERROR!r} output: is this a "
+                              "partclipseg serve of this version?")
+        reason = error.reshape(-1)[0] if error.size else b""
+        if reason:
+            text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+            raise ServerError(text)
         labels = result.as_numpy(LABELS)[0]
         names = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n)
                       for n in result.as_numpy(CLASS_NAMES)[0])
