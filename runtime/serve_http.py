@@ -50,7 +50,7 @@ MAX_REASON_CHARS = 500  # a log line's reason; a reason quotes client text, whic
 INFER_PATH = re.compile(r"^/v2/models/[^/?]+(/versions/[^/?]+)?/infer/?(\?.*)?$")
 # Headers that describe one hop, not the request: the front sets its own.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-              "trailer", "upgrade", "content-length", "host"}
+              "trailer", "upgrade", "content-length", "host", "expect"}
 ITEM_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
               "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
 
