@@ -151,13 +151,44 @@ def build_engine(bundle: str | Path, ckpt: str | Path | None = None, min_batch: 
     files = {"engine": spec.ENGINE}
     if cache.parent.resolve() == bundle.resolve() and cache.is_file():
         files["timing_cache"] = cache.name
+    before = manifest
     manifest = update_manifest(bundle, files, engine=spec.EngineInfo(
         flavour=flav, version=trt.__version__,
         gpu=current_gpu(),  # None: built on a machine without a GPU (TensorRT-RTX)
         precision=precision, onnx=onnx_path.name, profiles=(shapes,), max_classes=max_classes,
         max_batch=max_batch, strongly_typed=True, build_seconds=round(build_s, 2)))
     _log(f"manifest updated: {bundle / spec.MANIFEST}")
+    _check_engine(bundle, manifest, before)
     return manifest
+
+
+def _check_engine(bundle: Path, manifest: Manifest, before: Manifest) -> None:
+    """Run the bundle's check images through the new engine when it can run here: the code of
+    `Segmenter.load(verify=True)` and `partclipseg check`, tested on ONNX Runtime. Below the
+    threshold the engine leaves the bundle again (the manifest `before` is restored) and
+    CheckError names the likely cause. Where the engine cannot run (TensorRT-RTX on a machine
+    without a GPU) it is only logged."""
+    from runtime.backends.tensorrt import TensorRTUnavailable
+    from runtime.check import CheckError
+    from runtime.segmenter import Segmenter
+
+    from .bundle import write_manifest
+
+    if manifest.check is None:
+        _log("  not checked: the bundle has no check images (re-export it with export.onnx)")
+        return
+    try:
+        seg = Segmenter.load(bundle, backend="tensorrt", verify=True)
+    except TensorRTUnavailable as e:
+        _log(f"  not checked here ({str(e).splitlines()[0]}); on the device: partclipseg "
+             f"check --bundle {bundle} --backend tensorrt")
+        return
+    except CheckError:
+        write_manifest(bundle, before)
+        (bundle / spec.ENGINE).unlink(missing_ok=True)
+        raise
+    _log(f"  check: {seg.verified.line()}")
+    seg.close()
 
 
 def _export_if_needed(bundle: Path, ckpt: str | Path | None) -> None:

@@ -1,4 +1,4 @@
-"""`partclipseg` command line: synth, pretrain, train, eval, demo, predict, serve,
+"""`partclipseg` command line: synth, pretrain, train, eval, demo, predict, check, serve,
 import-weights."""
 
 from __future__ import annotations
@@ -65,14 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")
     d.add_argument("--steps", type=positive_int, help="training steps (default: the config's)")
     d.add_argument("--config", default="synthparts_tiny")
-    d.add_argument("--int8-min-agreement", type=float, metavar="SHARE",
-                   help="least share of the INT8 graphs' labels equal to FP32's (default 0.99; "
-                   "lower it for a model trained a few steps)")
 
     from runtime.predict import add_arguments as add_predict_arguments
 
     add_predict_arguments(sub.add_parser(
         "predict", help="segment images with an exported bundle (numpy + a backend; no torch)"))
+
+    from runtime.check import add_arguments as add_check_arguments
+
+    add_check_arguments(sub.add_parser(
+        "check", help="run a bundle's check images on this machine and compare its labels with "
+        "the exporter's (exit 1 below a precision's threshold; no torch)"))
 
     from runtime.serve import add_arguments as add_serve_arguments
 
@@ -174,8 +177,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(a.out), config=a.config, steps=a.steps,
-             int8_min_agreement=a.int8_min_agreement)
+    run_demo(Path(a.out), config=a.config, steps=a.steps)
     return 0
 
 
@@ -213,6 +215,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def cmd_check(a: argparse.Namespace) -> int:
+    from runtime.check import run
+
+    return run(a)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from runtime.serve import run
 
@@ -220,7 +228,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "pretrain": cmd_pretrain, "train": cmd_train, "eval": cmd_eval,
-            "demo": cmd_demo, "predict": cmd_predict, "serve": cmd_serve,
+            "demo": cmd_demo, "predict": cmd_predict, "check": cmd_check, "serve": cmd_serve,
             "import-weights": cmd_import_weights}
 
 

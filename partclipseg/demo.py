@@ -55,12 +55,11 @@ def _row(name: str, m: dict[str, Any]) -> str:
 
 
 def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = None,
-             deploy_samples: int = 60, int8_min_agreement: float | None = None) -> dict:
-    """Run every stage into `out`; returns the summary written to out/summary.json.
-
-    int8_min_agreement: the INT8 graphs' least share of labels equal to FP32's (default
-    `export.int8.MIN_AGREEMENT`); a model trained for a few steps, whose labels are near-ties,
-    needs a lower one."""
+             deploy_samples: int = 60) -> dict:
+    """Run every stage into `out`; returns the summary written to out/summary.json. The export
+    checks every graph on the bundle's check images (INT8: >= 99% of labels equal to PyTorch
+    FP32's, else the demo stops); `partclipseg check --bundle out/bundle` repeats that check
+    on any machine."""
     import torch
 
     from export.onnx import export_onnx
@@ -112,8 +111,7 @@ def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = Non
     print(f"[4/6] exporting {out / 'bundle'} (ONNX FP32 + FP16 + INT8, fast slot graphs, text "
           "side precomputed)")
     t = time.perf_counter()
-    export_onnx(ckpt, out / "bundle", fast=FAST_BATCHES, slots=FAST_SLOTS, int8=True,
-                int8_min_agreement=int8_min_agreement)
+    export_onnx(ckpt, out / "bundle", fast=FAST_BATCHES, slots=FAST_SLOTS, int8=True)
     stage("export", t)
 
     print(f"[5/6] runtime: every backend vs PyTorch on {deploy_samples} val images (Pred-All)")
@@ -140,6 +138,10 @@ def run_demo(out: Path, config: str = "synthparts_tiny", steps: int | None = Non
     lines += [_row(f"PyTorch FP32, {s}", results[s]) for s in SETTINGS]
     lines += ["", "Deployed (runtime.Segmenter, uint8 image in, label map out; CPU):",
               format_report(rows, "pred-all")]
+    check = seg.manifest.check
+    lines += ["", f"Check set ({check.images} held-out images, labels vs PyTorch FP32 on this "
+              "machine; `partclipseg check --bundle " + str(out / "bundle") + "` on another): "
+              + ", ".join(f"{k} {100 * v:.2f}%" for k, v in check.exported.items())]
     lines += ["", "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
               f"pictures: {pictures[0].parent}/ ({len(pictures)} files)",
               f"checkpoint: {ckpt}", f"bundle: {out / 'bundle'}"]

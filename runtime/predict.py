@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import run_command
 from .io import atomic_write, atomic_write_text
-from .options import add_backend_arguments, positive_int
+from .options import add_backend_arguments, add_verify_argument, load_segmenter, positive_int
 
 __all__ = ["add_arguments", "run", "build_parser", "main"]
 
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="SOURCE",
                    help="image files, video files, stream URLs (udp://, rtsp://, ...) or "
                    "cameras (/dev/videoN)")
-    add_backend_arguments(p)
+    add_verify_argument(add_backend_arguments(p))
     p.add_argument("--out", required=True, help="output folder")
     names = p.add_mutually_exclusive_group()
     names.add_argument("--classes", nargs="+", metavar="NAME",
@@ -81,7 +81,6 @@ def _is_image(location: str) -> bool:
 
 def run(a: argparse.Namespace) -> int:
     """Segment `a.inputs` with `a.bundle`; user errors raise (see `main`)."""
-    from .segmenter import Segmenter
     from .stream import Source
     from .vocabulary import read_class_file
 
@@ -90,7 +89,7 @@ def run(a: argparse.Namespace) -> int:
     # Every video source is checked (a missing file, a bad URL) before the model loads.
     videos = [Source(x, options=options, live=True if a.realtime else None)
               for x in a.inputs if x not in images]
-    seg = Segmenter.load(a.bundle, backend=a.backend, device=a.device, precision=a.precision)
+    seg = load_segmenter(a, log=lambda line: print(f"predict: {line}"))
     if a.classes_file:
         vocab = read_class_file(a.classes_file)
         seg.set_vocabulary(vocab.class_names, unseen_objects=sorted(vocab.unseen_objects))

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +77,7 @@ class Segmenter:
         self.fast_labels = fast_labels
         # "exact" (logits + numpy Pred-All), "labels" (label-map graph), "fast" (slot graphs)
         self.route = getattr(backend, "route", "labels") if fast_labels else "exact"
+        self.verified: Any = None  # the runtime.check.CheckResult of load(verify=True)
         self._image_dtype = np.dtype(manifest.image_dtype)
         self._text: TextSide | None = None
         self._threads = threads  # CPU threads of the text encoder too
@@ -137,11 +138,11 @@ class Segmenter:
             from .check import verify as run_check
 
             try:
-                result = run_check(seg)
+                seg.verified = run_check(seg)
             except BaseException:
                 seg.close()
                 raise
-            log.info("runtime: %s", result.line())
+            log.info("runtime: %s", seg.verified.line())
         return seg
 
     @property
