@@ -3,7 +3,7 @@ run where the bundle is deployed (`runtime.check`, `partclipseg check`).
 
 `check_image_files` picks the images (the checkpoint's validation images, else images held out
 of INT8 calibration, else seeded noise); `write_check_set` labels them with the model itself and
-writes `check.npz`; `measure` runs every graph of a staged bundle through `runtime.check` on
+writes `check.npz`; `measure` runs every graph of a staged bundle through `runtime.verification` on
 this machine, the same code a deployed bundle runs, and records what it measured.
 """
 
@@ -106,9 +106,9 @@ def write_check_set(stage: Path, graph_model: Any, arrays: Mapping[str, np.ndarr
 
 def measure(stage: Path, log: Callable[[str], None] = print) -> dict[str, float]:
     """{route key: agreement} of every precision and route of the staged bundle `stage` on
-    this machine's CPU, through `runtime.check` (the code `partclipseg check` runs)."""
+    this machine's CPU, through `runtime.verification` (the code `partclipseg check` runs)."""
     from runtime import bundle as spec
-    from runtime.check import bundle_routes, check_segmenter
+    from runtime.verification import bundle_routes, check_segmenter
     from runtime.segmenter import Segmenter
 
     manifest = spec.read_manifest(stage)

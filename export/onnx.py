@@ -84,7 +84,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
     validation images, else images held out of calibration, else seeded noise) with PyTorch
     FP32's Pred-All labels and each precision's least share of equal labels
     (`export.check.MIN_AGREEMENT`; `int8_min_agreement` overrides INT8's). Every graph runs
-    it here, through `runtime.check`, as `partclipseg check` runs it where the bundle is
+    it here, through `runtime.verification`, as `partclipseg check` runs it where the bundle is
     deployed.
     Raises ExportError when a graph disagrees with PyTorch beyond the tolerances (relative L2
     of the logits on `check_batch` fresh random images), or an INT8 graph's check labels fall
@@ -237,7 +237,7 @@ def _record_check(stage: Path, manifest: Any) -> Any:
     record the results in its manifest and return it; ExportError when an INT8 graph falls
     below its threshold (a float graph below its own is logged: a random-init model's labels
     are near-ties)."""
-    from runtime.check import machine
+    from runtime.verification import machine
 
     from .bundle import write_manifest
     from .check import measure

@@ -169,7 +169,7 @@ def _check_engine(bundle: Path, manifest: Manifest, before: Manifest) -> None:
     CheckError names the likely cause. Where the engine cannot run (TensorRT-RTX on a machine
     without a GPU) it is only logged."""
     from runtime.backends.tensorrt import TensorRTUnavailable
-    from runtime.check import CheckError
+    from runtime.verification import CheckError
     from runtime.segmenter import Segmenter
 
     from .bundle import write_manifest

@@ -9,7 +9,7 @@ A bundle folder holds
   model_labels.onnx, model_fp16_labels.onnx  label-map graphs (export --labels), optional
   model.engine      TensorRT FP16 engine (+ timing.cache), optional
   tokenizer.json, text.onnx, text_head.npz   the text side: new class names at run time
-  check.npz         held-out images with the exporter's PyTorch FP32 labels (`runtime.check`)
+  check.npz         held-out images with the exporter's PyTorch FP32 labels (`runtime.verification`)
 
 Engine tensor names are defined here, once, and used by export.
 
@@ -326,7 +326,7 @@ class TextInfo:
 
 @dataclass(frozen=True)
 class CheckInfo:
-    """The bundle's check set (file "check": `CHECK_FILE`), which `runtime.check` runs where the
+    """The bundle's check set (file "check": `CHECK_FILE`), which `runtime.verification` runs where the
     bundle is deployed.
 
     images: how many held-out images (N) it holds, at the model's input size; classes: the
@@ -334,7 +334,7 @@ class CheckInfo:
         bundle's); source: where the images came from; min_agreement: {precision: least share
         (0-1) of labels equal to the exporter's}; exported: {route key ("int8", "fp32/fast"):
         the share measured on the exporting machine}; machine: that machine
-        (`runtime.check.machine`).
+        (`runtime.verification.machine`).
     """
 
     images: int

@@ -77,7 +77,7 @@ class Segmenter:
         self.fast_labels = fast_labels
         # "exact" (logits + numpy Pred-All), "labels" (label-map graph), "fast" (slot graphs)
         self.route = getattr(backend, "route", "labels") if fast_labels else "exact"
-        self.verified: Any = None  # the runtime.check.CheckResult of load(verify=True)
+        self.verified: Any = None  # the runtime.verification.CheckResult of load(verify=True)
         self._image_dtype = np.dtype(manifest.image_dtype)
         self._text: TextSide | None = None
         self._threads = threads  # CPU threads of the text encoder too
@@ -114,7 +114,7 @@ class Segmenter:
             The bundle's fast slot graphs (`export.onnx --fast`, every dimension static) when it
             has them; `slots=False` picks the dynamic label-map graph instead.
         verify: run the bundle's check images through this backend before returning
-            (`runtime.check`): CheckError, naming the likely cause, when fewer of their labels
+            (`runtime.verification`): CheckError, naming the likely cause, when fewer of their labels
             than the bundle's threshold for this precision equal the exporter's PyTorch
             labels; BundleError when the bundle has no check images. Costs one batch of the
             bundle's check images (8 by default; measured in docs/runtime.md).
@@ -135,7 +135,7 @@ class Segmenter:
         limits = [n for n in (max_classes, impl.max_classes) if n]
         seg = cls(manifest, arrays, impl, min(limits) if limits else None, fast_labels, threads)
         if verify:
-            from .check import verify as run_check
+            from .verification import verify as run_check
 
             try:
                 seg.verified = run_check(seg)

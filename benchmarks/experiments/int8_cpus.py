@@ -11,7 +11,7 @@ this runs (natively, or under an emulated CPU), without torch.
 Step 2 reports, per precision (exact route, ONNX Runtime CPU): pixel agreement with PyTorch
 FP32 over every pixel, Pred-All mIoU seen / unseen / h-IoU, their deltas against PyTorch's
 (computed from the reference labels with the same evaluator), and the machine
-(`runtime.check.machine`: CPUID flags, so an emulated CPU reports its own). docs/int8.md
+(`runtime.verification.machine`: CPUID flags, so an emulated CPU reports its own). docs/int8.md
 reads the results.
 """
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -60,7 +59,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     from partclipseg.data.datasets import load_dataset
     from runtime import Segmenter
-    from runtime.check import machine
+    from runtime.verification import machine
 
     dataset = load_dataset("synthparts", a.data, "val")
     samples = [dataset[i] for i in range(min(a.limit, len(dataset)))]

@@ -21,7 +21,7 @@ from runtime.errors import DeviceError  # noqa: E402
 
 
 def _val_frames(bundle) -> list[np.ndarray]:
-    from runtime.check import read_check_set
+    from runtime.verification import read_check_set
 
     return list(read_check_set(spec.read_manifest(bundle))[0])
 

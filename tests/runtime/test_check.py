@@ -21,8 +21,9 @@ pytest.importorskip("onnxruntime")
 from runtime import Segmenter  # noqa: E402
 from runtime import bundle as spec  # noqa: E402
 from runtime.bundle import BundleError  # noqa: E402
-from runtime.check import (CheckError, CheckResult, likely_cause, main,  # noqa: E402
-                           read_check_set)
+from runtime.check import main  # noqa: E402
+from runtime.verification import (CheckError, CheckResult, likely_cause,  # noqa: E402
+                                  read_check_set)
 
 from ..support import ROOT, child_env, copy_bundle  # noqa: E402
 
@@ -99,23 +100,6 @@ def test_likely_cause_names_vnni_only_for_eight_bit_weights(int8_bundle):
     assert "broken" in likely_cause(broken, manifest, haswell)
 
 
-def _requantize(bundle: Path, out: Path, bits: int, calibration: Path) -> Path:
-    """A copy of `bundle` whose INT8 graphs have `bits`-bit weights (8: as before the fix)."""
-    from export.bundle import update_manifest
-    from export.int8 import calibration_images, write_int8_graphs
-
-    copy_bundle(bundle, out)
-    m = spec.read_manifest(out)
-    fp32 = {k: v.path for k, v in m.files.items() if k.startswith("onnx_fp32")}
-    files, parity = write_int8_graphs(out, fp32, spec.read_vocab(m), m.vocab_inputs,
-                                      calibration_images(calibration, {}), m.input_size,
-                                      m.image_dtype, m.fast, weight_bits=bits, log=lambda s: None)
-    merged = {k: {**m.onnx.parity.get(k, {}), **v} for k, v in parity.items()}
-    update_manifest(out, files, onnx=dataclasses.replace(
-        m.onnx, parity={**m.onnx.parity, **merged}))
-    return out
-
-
 def _check_on_haswell(bundle: Path, json_out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([QEMU, *HASWELL, sys.executable, "-m", "runtime.check", "--bundle",
                            str(bundle), "--precision", "int8", "--route", "exact", "--json",
@@ -137,9 +121,11 @@ def test_int8_check_on_a_cpu_without_vnni(int8_bundle, synth_root, tmp_path):
     assert "AVX512VNNI" not in seven["machine"]["cpu_flags"]
     assert seven["results"][0]["passed"]
 
-    eight = _requantize(int8_bundle, tmp_path / "eight", 8, synth_root / "images" / "train")
+    from benchmarks.experiments.int8_bits import requantize
+
+    eight = requantize(int8_bundle, tmp_path / "eight", 8, synth_root / "images" / "train")
     native = Segmenter.load(eight, backend="onnxruntime", precision="int8")
-    from runtime.check import check_segmenter, machine
+    from runtime.verification import check_segmenter, machine
 
     if "AVX512VNNI" in (machine()["cpu_flags"] or []):
         assert check_segmenter(native).passed  # exact products here: the graph is fine
