@@ -50,7 +50,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import run_command
-from .options import add_backend_arguments, nonneg_int, positive_int
+from .options import (add_backend_arguments, add_verify_argument, load_segmenter, nonneg_int,
+                      positive_int)
 from .preprocess import InputError
 from .serve_http import HttpFront, one_line
 from .vocabulary import VocabularyError
@@ -371,7 +372,7 @@ def _port(v: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The serve options, on `p` (this module's parser, or `partclipseg serve`'s)."""
     d = ServeOptions()
-    add_backend_arguments(p)
+    add_verify_argument(add_backend_arguments(p))
     p.add_argument("--address", default=d.address,
                    help=f"address every endpoint binds to (default {d.address}: this machine "
                    "only; 0.0.0.0 for the network)")
@@ -404,8 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> int:
     """Load `a.bundle` and serve it until SIGTERM (0) or until tritonserver dies
     (TRITON_DIED_EXIT); user errors raise (see `main`)."""
-    from .segmenter import Segmenter
-
     _import_pytriton()  # before the bundle loads: a missing extra is the first thing to say
     ports = {"--http-port": a.http_port, "--grpc-port": a.grpc_port,
              "--metrics-port": a.metrics_port}
@@ -414,7 +413,8 @@ def run(a: argparse.Namespace) -> int:
     for flag, port in ports.items():
         check_port_free(a.address, port, flag)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
-    seg = Segmenter.load(a.bundle, backend=a.backend, device=a.device, precision=a.precision)
+    # Verified before the first request: a server answers many clients with what it loads.
+    seg = load_segmenter(a, log=lambda line: print(f"serve: {line}", flush=True))
     return serve(seg, ServeOptions(a.address, a.http_port, a.grpc_port, a.metrics_port,
                                    a.max_batch, a.max_queue_delay_us, a.instances,
                                    a.max_image_side, a.max_classes))
