@@ -6,16 +6,18 @@
             r.prediction.labels            # (H, W) int32, -1 = background
             r.latency_ms, r.dropped        # capture -> labels; frames dropped so far
 
-Sources: a video file, any URL FFmpeg opens (udp://, tcp://, rtsp://, http(s)://, ...) or a
-V4L2 camera (/dev/videoN). Each is read by its own thread (PyAV), decoded as it arrives; a
-frame becomes an RGB array only when it is picked.
+Sources: a video file, any URL FFmpeg opens (udp://, tcp://, rtsp://, http(s)://, ...), a
+V4L2 camera (/dev/videoN) or a ROS bag's image topic (`Source("drive.mcap",
+topic="/camera/image_raw")`, read by `runtime.bag`). Each is read by its own thread (PyAV,
+rosbags), decoded as it arrives; a video frame becomes an RGB array only when it is picked.
 
 Two ways to read (`live`):
 - live (the default for URLs and cameras): the newest frame wins. A frame not yet picked when
   a newer one arrives is dropped; a frame older than `max_age_ms` when the Segmenter is free is
   dropped too. Each source holds at most one frame, whatever the consumer's speed. A file read
   live is paced at its own frame rate, as a camera would deliver it.
-- complete (the default for files): every frame, in order; the reader waits for the consumer.
+- complete (the default for files and bags): every frame, in order; the reader waits for the
+  consumer. A bag's frames carry their header stamp (`StreamResult.stamp_ns`, `frame_id`).
 
 Several sources share one Segmenter: the frames ready together run as one `predict_batch`, one
 per source, the sources taken in turn. A live source that is lost (a read that times out, the
@@ -37,6 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .bag import BagError, BagImages, is_bag
 from .errors import UserError
 from .selection import ClassRequest
 
@@ -92,7 +95,9 @@ class StreamResult:
     latency_ms: capture to labels; waited_ms: capture to the moment the Segmenter took it;
     infer_ms: the `predict_batch` call that labelled it; batch: the frames in that call;
     dropped: the source's dropped frames so far (newer + stale);
-    image: (H, W, 3) uint8 RGB frame; prediction: the Segmenter's `Prediction`.
+    image: (H, W, 3) uint8 RGB frame; prediction: the Segmenter's `Prediction`;
+    stamp_ns, frame_id: a bag message's header stamp (ns, exact: `pts` is the same in seconds)
+        and frame_id; None for other sources.
     """
 
     source: str
@@ -106,15 +111,25 @@ class StreamResult:
     dropped: int
     image: np.ndarray = field(repr=False)
     prediction: Any = field(repr=False)
+    stamp_ns: int | None = None
+    frame_id: str | None = None
 
 
 @dataclass(frozen=True)
 class _Frame:
-    decoded: Any  # av.VideoFrame: turned into RGB only once picked (most live frames are not)
+    # av.VideoFrame: turned into RGB only once picked (most live frames are not); a bag's
+    # (H, W, 3) uint8 array: decoded by its reader thread (JPEG decoding beside the model).
+    decoded: Any
     index: int
     pts: float | None
     captured: float  # time.time()
     t: float  # time.monotonic(), for ages and latencies
+    stamp_ns: int | None = None
+    frame_id: str | None = None
+
+
+def _rgb(decoded: Any) -> np.ndarray:
+    return decoded if isinstance(decoded, np.ndarray) else decoded.to_ndarray(format="rgb24")
 
 
 def _is_url(location: str) -> bool:
@@ -150,10 +165,13 @@ class Source:
     """One video source and its reader thread. Give `Stream` these for per-source settings,
     or plain strings for the defaults.
 
-    location: file path, URL or /dev/videoN.
+    location: file path, URL, /dev/videoN or ROS bag (a .mcap, .db3 or .bag file, or a bag
+        folder with metadata.yaml).
     name: a short name for results and output files (default: from the location).
+    topic: a bag's image topic (default: the bag's only one); bags only. The bag is checked
+        here (topic, encoding, damage): `SourceError` names what is wrong.
     live: newest frame wins (True) or every frame in order (False); default: False for a
-        regular file, True otherwise.
+        regular file or a bag, True otherwise. A bag read live is paced by its header stamps.
     format: FFmpeg input format (default: guessed; "v4l2" for /dev/video*).
     options: FFmpeg options of the input ({"video_size": "640x480", "input_format": "mjpeg"}
         for a camera, {"rtsp_transport": "tcp"} for RTSP, ...).
@@ -165,9 +183,17 @@ class Source:
     def __init__(self, location: str | Path, name: str | None = None, live: bool | None = None,
                  format: str | None = None, options: Mapping[str, str] | None = None,
                  open_timeout_s: float = 10.0, read_timeout_s: float = 2.0,
-                 backoff_s: tuple[float, float] = (0.5, 8.0)):
+                 backoff_s: tuple[float, float] = (0.5, 8.0), topic: str | None = None):
         self.location = str(location)
-        is_file = not _is_url(self.location) and Path(self.location).is_file()
+        self.bag: BagImages | None = None
+        if topic is not None or (not _is_url(self.location) and is_bag(self.location)):
+            try:
+                self.bag = BagImages(self.location, topic)  # checked now, before any model
+            except BagError as e:
+                raise SourceError(str(e)) from None
+        self.topic = self.bag.topic if self.bag is not None else None
+        is_file = self.bag is not None or (
+            not _is_url(self.location) and Path(self.location).is_file())
         if not is_file and not _is_url(self.location) and not self.location.startswith("/dev/"):
             raise SourceError(f"{self.location}: no such file, and not a URL (udp://, rtsp://, "
                               "...) or a camera (/dev/videoN)")
@@ -235,6 +261,9 @@ class Source:
                        timeout=None if self.is_file else (timeout_s, self.read_timeout_s))
 
     def _read(self) -> None:
+        if self.bag is not None:
+            self._read_bag()
+            return
         import av
 
         backoff = self.backoff_s[0]
@@ -285,6 +314,29 @@ class Source:
             reason = reason or "the stream ended"  # a live sender may come back: reopen
             self._set_state("reconnecting")
             log.warning("%s: lost (%s); reconnecting", self.name, reason)
+        self._set_state("closed" if self._stop.is_set() else "ended")
+
+    def _read_bag(self) -> None:
+        """Every message of the bag's topic, in order (paced by header stamps when live)."""
+        assert self.bag is not None
+        self._set_state("reading")
+        t0: float | None = None
+        frames = self.bag.frames()
+        try:
+            for f in frames:
+                if self._stop.is_set():
+                    break
+                stamp_s = f.stamp_ns / 1e9
+                if self.live:
+                    t0 = time.monotonic() - stamp_s if t0 is None else t0
+                    self._stop.wait(max(0.0, t0 + stamp_s - time.monotonic()))
+                self._publish(_Frame(f.rgb, f.index, stamp_s, time.time(), time.monotonic(),
+                                     f.stamp_ns, f.frame_id))
+        except BagError as e:
+            self._fail(SourceError(str(e)))
+            return
+        finally:
+            frames.close()  # closes the bag's reader now, in this thread
         self._set_state("closed" if self._stop.is_set() else "ended")
 
     def _decode(self, container: Any, index: Iterator[int]) -> str | None:
@@ -515,7 +567,7 @@ class Stream:
 
     def _label(self, batch: list[tuple[Source, _Frame]], picked: float
                ) -> Iterator[StreamResult]:
-        images = [f.decoded.to_ndarray(format="rgb24") for _, f in batch]
+        images = [_rgb(f.decoded) for _, f in batch]
         t0 = time.perf_counter()
         preds = self.segmenter.predict_batch(images, classes=self._classes)
         infer_ms = 1e3 * (time.perf_counter() - t0)
@@ -528,5 +580,5 @@ class Stream:
                     s.request_stop()  # the reader ends; the stream stops taking from it
                 results.append(StreamResult(
                     s.name, f.index, f.pts, f.captured, 1e3 * (done - f.t), 1e3 * (picked - f.t),
-                    infer_ms, len(batch), s.stats.dropped, image, pred))
+                    infer_ms, len(batch), s.stats.dropped, image, pred, f.stamp_ns, f.frame_id))
         yield from results
