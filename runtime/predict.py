@@ -1,7 +1,8 @@
 """`partclipseg predict --bundle B SOURCE... --out DIR` (also `python -m runtime.predict`).
 
 SOURCE: an image (any format Pillow reads), a video file, a stream URL (udp://, tcp://,
-rtsp://, http(s)://, anything FFmpeg opens) or a camera (/dev/videoN).
+rtsp://, http(s)://, anything FFmpeg opens), a camera (/dev/videoN) or a ROS bag (a .mcap,
+.db3 or .bag file, or a ROS 2 bag folder; its image topic is --topic, default its only one).
 
 - Images: DIR/<stem>.png (image | prediction overlay | legend).
 - Videos, streams and cameras, all read at once (one reader thread each, their frames batched
@@ -12,6 +13,10 @@ rtsp://, http(s)://, anything FFmpeg opens) or a camera (/dev/videoN).
   A status line per source on stderr shows fps, latency p50/p99 and drops. Ctrl-C finishes
   every output: the videos stay playable.
 - DIR/predictions.json: per SOURCE, per-class pixel counts (images) or a summary (videos).
+- --out-bag FILE.mcap | FILE.bag | FOLDER: the label maps as a ROS bag (runtime/bag.py), with
+  each input's header stamp and frame_id; written beside and renamed when whole.
+- --view: the Rerun web viewer on http://127.0.0.1:9090 (--view-port), fed frame by frame
+  (runtime/viewer.py); it stays up after the sources end, until Ctrl-C.
 
 `--classes` / `--classes-file` may name classes the bundle was not exported with ("cup's
 handle"): the bundle's text side encodes them. Needs numpy, Pillow, a backend (and PyAV for
@@ -42,8 +47,8 @@ __all__ = ["add_arguments", "run", "build_parser", "main"]
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The predict options, on `p` (this module's parser, or `partclipseg predict`'s)."""
     p.add_argument("inputs", nargs="+", metavar="SOURCE",
-                   help="image files, video files, stream URLs (udp://, rtsp://, ...) or "
-                   "cameras (/dev/videoN)")
+                   help="image files, video files, stream URLs (udp://, rtsp://, ...), "
+                   "cameras (/dev/videoN) or ROS bags (.mcap, .db3, .bag, a bag folder)")
     add_verify_argument(add_backend_arguments(p))
     p.add_argument("--out", required=True, help="output folder")
     names = p.add_mutually_exclusive_group()
@@ -64,6 +69,24 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     v.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                    help="FFmpeg input option for every video source, repeatable "
                    "(video_size=640x480, input_format=mjpeg, rtsp_transport=tcp)")
+    r = p.add_argument_group("robots: ROS bags and the live viewer")
+    r.add_argument("--topic", metavar="TOPIC",
+                   help="the image topic of every bag SOURCE (sensor_msgs/Image or "
+                   "CompressedImage; default: the bag's only image topic)")
+    r.add_argument("--out-bag", metavar="PATH",
+                   help="also write the label maps as a ROS bag: PATH.mcap (ROS 2 MCAP), "
+                   "PATH.bag (ROS 1) or a folder (ROS 2 sqlite3); per frame "
+                   "<topic>/labels (sensor_msgs/Image 16UC1, 65535 = background, the input's "
+                   "stamp and frame_id) and <topic>/class_names (std_msgs/String JSON, latched)")
+    r.add_argument("--out-bag-overlay", action="store_true",
+                   help="with --out-bag: also each frame's overlay on <topic>/overlay "
+                   "(sensor_msgs/CompressedImage, JPEG)")
+    r.add_argument("--view", action="store_true",
+                   help="serve the Rerun web viewer on 127.0.0.1 and show every processed frame "
+                   "there (needs the [viz] extra); it stays up after the sources end, until "
+                   "Ctrl-C")
+    r.add_argument("--view-port", type=positive_int, default=9090, metavar="PORT",
+                   help="the viewer's HTTP port (default 9090)")
     return p
 
 
@@ -81,14 +104,43 @@ def _is_image(location: str) -> bool:
 
 def run(a: argparse.Namespace) -> int:
     """Segment `a.inputs` with `a.bundle`; user errors raise (see `main`)."""
+    from .bag import is_bag, out_bag_kind
     from .stream import Source
-    from .vocabulary import read_class_file
 
     options = dict(_key_value(o) for o in a.source_option)
     images = [x for x in a.inputs if _is_image(x)]
-    # Every video source is checked (a missing file, a bad URL) before the model loads.
-    videos = [Source(x, options=options, live=True if a.realtime else None)
+    bags = [x for x in a.inputs if is_bag(x)]
+    if a.topic is not None and not bags:
+        raise ValueError(f"--topic {a.topic} names a bag's image topic, and no SOURCE is a bag "
+                         "(.mcap, .db3, .bag or a bag folder)")
+    if a.out_bag_overlay and not a.out_bag:
+        raise ValueError("--out-bag-overlay writes into the --out-bag bag: give --out-bag too")
+    if a.out_bag:
+        out_bag_kind(a.out_bag)  # a .db3 name, or no rosbags: said before the model loads
+    if (a.out_bag or a.view) and len(images) == len(a.inputs):
+        raise ValueError("--out-bag and --view take video, stream, camera or bag SOURCEs; "
+                         "every SOURCE here is an image")
+    # Every video source and bag is checked (a missing file, a bad URL, a bag without the
+    # topic or cut short) before the model loads: an error writes nothing.
+    videos = [Source(x, options=options, live=True if a.realtime else None,
+                     topic=a.topic if x in bags else None)
               for x in a.inputs if x not in images]
+    viewer = None
+    if a.view:
+        from .viewer import Viewer
+
+        viewer = Viewer(port=a.view_port)  # a busy port fails here, before the model loads
+        print(f"predict: viewer at {viewer.url}", flush=True)
+    try:
+        return _run(a, images, videos, viewer)
+    finally:
+        if viewer is not None:
+            viewer.close()
+
+
+def _run(a: argparse.Namespace, images: list[str], videos: list[Any], viewer: Any) -> int:
+    from .vocabulary import read_class_file
+
     seg = load_segmenter(a, log=lambda line: print(f"predict: {line}"))
     if a.classes_file:
         vocab = read_class_file(a.classes_file)
@@ -104,12 +156,17 @@ def run(a: argparse.Namespace) -> int:
         report["inputs"][str(path)] = _predict_image(seg, Path(path), out)
     interrupted = False
     if videos:
-        summary, interrupted = _predict_videos(seg, videos, out, a.max_frames, a.max_age_ms)
+        summary, interrupted = _predict_videos(
+            seg, videos, out, a.max_frames, a.max_age_ms, out_bag=a.out_bag,
+            bag_overlay=a.out_bag_overlay, viewer=viewer)
         report["inputs"].update(summary)
     atomic_write_text(out / "predictions.json", json.dumps(report, indent=2))
     if interrupted:
         print("predict: interrupted; every output is whole", file=sys.stderr)
         return 130
+    if viewer is not None:
+        print(f"predict: done; the viewer stays at {viewer.url} until Ctrl-C", flush=True)
+        viewer.wait()
     return 0
 
 
@@ -141,11 +198,22 @@ def _predict_image(seg: Any, path: Path, out: Path) -> dict[str, Any]:
     return {"overlay": str(picture), "pixels": pred.counts(), "timing_ms": pred.timing_ms}
 
 
+def _bag_topics(sources: list[Any]) -> dict[str, str]:
+    """The topic each source's labels go under in --out-bag: a bag's own image topic (unless
+    two sources share it), else /<source name>."""
+    from .bag import topic_name
+
+    topics = [s.topic for s in sources if s.topic is not None]
+    return {s.name: s.topic if s.topic is not None and topics.count(s.topic) == 1
+            else topic_name(s.name) + (s.topic or "") for s in sources}
+
+
 def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | None,
-                    max_age_ms: float) -> tuple[dict[str, Any], bool]:
-    """Every source through one `Stream`: overlay videos, frames.jsonl, a status line each.
-    Returns a summary per source and whether Ctrl-C ended it (the outputs are whole either
-    way)."""
+                    max_age_ms: float, out_bag: str | None = None, bag_overlay: bool = False,
+                    viewer: Any = None) -> tuple[dict[str, Any], bool]:
+    """Every source through one `Stream`: overlay videos, frames.jsonl, a status line each, and
+    on request a bag of label maps and the viewer. Returns a summary per source and whether
+    Ctrl-C ended it (the outputs are whole either way)."""
     from .overlay import overlay
     from .stream import Stream
     from .video import VideoWriter
@@ -158,6 +226,12 @@ def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | N
     writers: dict[str, VideoWriter] = {}
     first: dict[str, float] = {}
     log_path = out / "frames.jsonl"
+    bag = None
+    if out_bag:
+        from .bag import LabelBag
+
+        bag = LabelBag(out_bag, overlay=bag_overlay)
+        bag_topic = _bag_topics(stream.sources)
     log_file = open(log_path, "w", encoding="utf-8")  # this run's frames, not a previous run's
     status = _Status(names, max_frames)
     stop = _GracefulInterrupt(stream)
@@ -176,7 +250,15 @@ def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | N
                 # A file's frames keep their own times; a live source's, their capture times.
                 t = r.pts if r.pts is not None and not live[r.source] else r.captured
                 t0 = first.setdefault(r.source, t)
-                writers[r.source].write(overlay(r.image, r.prediction.labels, k), t - t0)
+                picture = overlay(r.image, r.prediction.labels, k)
+                writers[r.source].write(picture, t - t0)
+                if bag is not None:  # a live frame: stamped with its capture time
+                    bag.write(bag_topic[r.source], r.prediction.labels, r.prediction.class_names,
+                              r.stamp_ns if r.stamp_ns is not None else int(r.captured * 1e9),
+                              r.frame_id if r.frame_id is not None else r.source,
+                              picture if bag_overlay else None)
+                if viewer is not None:
+                    viewer.log(r)
                 written[r.source] += 1
                 status.update(r, stream.stats()[r.source])
         ok = True
@@ -192,6 +274,8 @@ def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | N
             # An error drops the videos (a failed file leaves none); the end, Ctrl-C and a lost
             # live source keep what was recorded, playable.
             w.close() if ok else w.abort()
+        if bag is not None:  # the same for the bag
+            bag.close() if ok else bag.abort()
     summary = {}
     stats = stream.stats()
     for s in stream.sources:
@@ -202,6 +286,9 @@ def _predict_videos(seg: Any, sources: list[Any], out: Path, max_frames: int | N
             "name": s.name, "overlay": video and str(video), "frames": str(log_path),
             "processed": written[s.name], "decoded": st.decoded, "dropped": st.dropped,
             "corrupt": st.corrupt, "reconnects": st.reconnects, **status.summary(s.name)}
+        if bag is not None:
+            summary[key].update(bag=str(bag.path) if bag.frames else None, topic=s.topic,
+                                labels_topic=f"{bag_topic[s.name]}/labels")
         print(f"  {s.location} -> {video} ({written[s.name]} frames, {st.dropped} dropped), "
               f"{log_path}")
     return summary, stop.interrupted

@@ -213,6 +213,13 @@ def test_runtime_imports_no_torch():
                         "runtime.vocabulary, runtime.segmenter, runtime.bundle, runtime.overlay, "
                         "runtime.predict, runtime.serve, runtime.client, runtime.text, runtime.io, "
                         "runtime.stream, runtime.video, runtime.options, "
-                        "runtime.errors, "
+                        "runtime.errors, runtime.bag, runtime.viewer, "
                         "runtime.backends.onnxruntime, runtime.backends.tensorrt, "
                         "runtime.backends.torch", ("torch", "open_clip", "partclipseg"))
+
+
+def test_runtime_imports_no_rosbags_or_rerun():
+    """Bags and the viewer are optional extras ([ros], [viz]): importing the runtime, the stream,
+    predict or the modules that use them loads neither until a bag or a viewer is opened."""
+    assert_imports_none("import runtime, runtime.stream, runtime.predict, runtime.bag, "
+                        "runtime.viewer", ("rosbags", "rerun", "rerun_bindings"))
