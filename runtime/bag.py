@@ -39,7 +39,7 @@ import numpy as np
 from .errors import UserError
 
 __all__ = ["BagImages", "BagFrame", "LabelBag", "BagError", "is_bag", "topic_name",
-           "LABEL_ENCODING", "BACKGROUND_LABEL", "IMAGE_TYPES", "ENCODINGS"]
+           "out_bag_kind", "LABEL_ENCODING", "BACKGROUND_LABEL", "IMAGE_TYPES", "ENCODINGS"]
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 # encoding -> channels; each becomes RGB by a channel view (no colour maths: the model was
@@ -240,6 +240,17 @@ def topic_name(name: str) -> str:
     return "/" + re.sub(r"(^|/)(\d)", r"\1_\2", clean)
 
 
+def out_bag_kind(path: str | Path) -> str:
+    """"mcap", "ros1" or "sqlite3": the bag `LabelBag(path)` writes, by the suffix. Raises
+    BagError for a .db3 name (a sqlite3 bag is a folder) and ImportError without rosbags."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".db3":
+        raise BagError(f"--out-bag {path}: a sqlite3 bag is a folder; give its name without "
+                       ".db3 (or PATH.mcap for one MCAP file)")
+    _import_rosbags()
+    return {".mcap": "mcap", ".bag": "ros1"}.get(suffix, "sqlite3")
+
+
 @dataclass
 class _Connections:
     labels: Any
@@ -260,11 +271,7 @@ class LabelBag:
 
     def __init__(self, path: str | Path, overlay: bool = False, jpeg_quality: int = 90):
         self.path = Path(path)
-        suffix = self.path.suffix.lower()
-        if suffix == ".db3":
-            raise BagError(f"--out-bag {self.path}: a sqlite3 bag is a folder; give its name "
-                           "without .db3 (or .mcap for one MCAP file)")
-        self.kind = {".mcap": "mcap", ".bag": "ros1"}.get(suffix, "sqlite3")
+        self.kind = out_bag_kind(self.path)
         rosbags = _import_rosbags()
         ros1 = self.kind == "ros1"
         self._ts = rosbags.typesys.get_typestore(
