@@ -8,8 +8,8 @@
 from .bundle import BundleError
 from .preprocess import InputError
 from .segmenter import Prediction, Segmenter
-from .stream import SourceError, Stream
+from .stream import Source, SourceError, Stream
 from .vocabulary import Vocabulary, VocabularyError
 
-__all__ = ["Segmenter", "Prediction", "Stream", "SourceError", "Vocabulary", "VocabularyError",
-           "InputError", "BundleError"]
+__all__ = ["Segmenter", "Prediction", "Stream", "Source", "SourceError", "Vocabulary",
+           "VocabularyError", "InputError", "BundleError"]
