@@ -146,7 +146,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, opset: int = 17, image_size: 
         names = list(inputs)
         files = {"vocab": spec.VOCAB_FILE}
         # The text side: new class names at run time, without torch (runtime.text).
-        text_info, text_files = write_text_side(model, stage, opset)
+        text_info, text_files = write_text_side(model, vocab, stage, opset)
         files.update(text_files)
         _log(f"  text side: {', '.join(text_files.values())} (ONNX text tower vs PyTorch: "
              f"relative error {text_info.parity['rel_error']:.1e})")

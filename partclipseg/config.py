@@ -79,6 +79,9 @@ class ModelConfig:
     # colour cannot learn that a colour rules out a plan (every colour misses one plan in
     # SynthParts' seen pairs), so it names pairs it never saw. partclipseg mode only.
     colour_blind: bool = False
+    # The text head export traces (`partclipseg.model.deploy.TEXT_HEADS`) when it is not the
+    # model kind's own (None): a model variant with another text recipe registers one.
+    text_head: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))

@@ -8,7 +8,7 @@ A bundle folder holds
                     fast versions
   model_labels.onnx, model_fp16_labels.onnx  label-map graphs (export --labels), optional
   model.engine      TensorRT FP16 engine (+ timing.cache), optional
-  tokenizer.json, text.onnx, text_head.npz   the text side: new class names at run time
+  tokenizer.json, text.onnx, text_head.onnx  the text side: new class names at run time
   check.npz         held-out images with the exporter's PyTorch FP32 labels (`runtime.verification`)
 
 Engine tensor names are defined here, once, and used by export.
@@ -51,16 +51,18 @@ from .vocabulary import Vocabulary
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VOCAB_FILE", "ENGINE", "TIMING_CACHE",
            "TOKENIZER_FILE", "TEXT_ONNX_FILE", "TEXT_HEAD_FILE", "TOKENS", "TEXT_FEATURES",
            "IMAGE", "LOGITS", "OBJECT_LOGITS", "LABELS", "PART_FILM", "OBJECT_FILM",
-           "CLASS_FILM", "CLASS_INDEX", "COLOUR_FILM", "OBJECT_VALID", "CLASS_VALID", "AXES",
+           "CLASS_FILM", "CLASS_INDEX", "OBJECT_VALID", "CLASS_VALID", "AXES",
            "axis_sizes", "graph_file", "BundleError", "FileEntry", "TensorSpec", "CheckpointRef",
            "OnnxInfo", "EngineInfo", "TextInfo", "FastInfo", "CheckInfo", "CHECK_FILE", "Manifest",
            "read_manifest", "read_vocab"]
 
 FORMAT = "partclipseg-bundle"
-FORMAT_VERSION = 2  # 2: the graph contract (TensorSpec rows / background / indexes)
+# 2: the graph contract (TensorSpec rows / background / indexes); 3: the text head as a graph
+# and its recipe as data (`TextInfo.inputs`)
+FORMAT_VERSION = 3
 MANIFEST, VOCAB_FILE = "manifest.json", "vocab.npz"
 ENGINE, TIMING_CACHE = "model.engine", "timing.cache"
-TOKENIZER_FILE, TEXT_ONNX_FILE, TEXT_HEAD_FILE = "tokenizer.json", "text.onnx", "text_head.npz"
+TOKENIZER_FILE, TEXT_ONNX_FILE, TEXT_HEAD_FILE = "tokenizer.json", "text.onnx", "text_head.onnx"
 CHECK_FILE = "check.npz"
 
 IMAGE = "image"
@@ -73,15 +75,15 @@ PART_FILM = ("part_film_mul", "part_film_add")
 OBJECT_FILM = ("object_film_mul", "object_film_add")
 CLASS_FILM = ("class_film_mul", "class_film_add")
 CLASS_INDEX = ("class_part", "class_object")
-COLOUR_FILM = ("colour_film_mul", "colour_film_add")  # colour-blind models: per-object rows
 # Fast (slot) graphs only: which vocabulary slots hold a class (the rest are zero padding).
 OBJECT_VALID, CLASS_VALID = "object_valid", "class_valid"
 
-MODES = ("partclipseg", "clipseg", "colour_blind")
 IMAGE_DTYPES = ("uint8", "float32")
 PRECISIONS = ("fp32", "fp16", "int8")  # int8: CPU graphs (`export.onnx --int8`)
 AXES = {"part": "P", "object": "O", "class": "K"}  # vocabulary axis -> its shape symbol
-TEXT_CONDITIONS = ("classes", "parts_objects")  # `TextInfo.conditions`
+# Text recipe rules (`TextInfo.inputs`, followed by `runtime.text.recipe_feeds`): the keys a
+# rule may have besides its kind ("text" or "index": a vocabulary axis).
+RULE_KEYS = {"text": {"piece"}, "index": {"piece", "of"}}
 
 
 def axis_sizes(vocab: Vocabulary) -> dict[str, int]:
@@ -292,36 +294,40 @@ class TextInfo:
 
     Files (manifest keys): "tokenizer" (Hugging Face tokenizers JSON giving open_clip's BPE ids),
     "text_onnx" (token ids (N, context_length) int64 -> CLIP text features (N, E) float32) and
-    "text_head" (npz: the text-only layers FiLM, FiLM', We and the background vector, which turn
-    features into the graph's vocabulary inputs in numpy). `parity`: the ONNX text tower vs
-    PyTorch on the bundle's own names, measured at export.
+    "text_head" (the model's text head as an ONNX graph: the inputs below -> every vocabulary
+    input of the image graph). `parity`: the ONNX tower and head vs PyTorch, measured at export.
 
-    The text recipe, declared by the model's export wrapper (`text_recipe`), is what the
-    runtime's text side follows:
-      conditions: "classes" (one stage-1 condition per class name: CLIPSeg) or "parts_objects"
-          (generalized parts and objects, then stage 2's class embeddings: PartCLIPSeg);
-      object_words: object names are a colour word plus a body-plan word, each object's rows
-          made from its two words (SynthParts' colour-blind recipe).
+    inputs: the text head's inputs in graph order, {name: rule}: how each is made from a
+        vocabulary (text features of a list of names, or an index array), the model's text
+        recipe as data; `runtime.text` documents the rules and follows them.
     """
 
     context_length: int
     embed_dim: int
+    inputs: Mapping[str, Mapping[str, Any]]
     parity: Mapping[str, Any] = field(default_factory=dict)
-    conditions: str = "parts_objects"
-    object_words: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"context_length": self.context_length, "embed_dim": self.embed_dim,
-                "parity": dict(self.parity), "conditions": self.conditions,
-                "object_words": self.object_words}
+                "inputs": {k: dict(v) for k, v in self.inputs.items()},
+                "parity": dict(self.parity)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TextInfo":
-        conditions = str(d.get("conditions", "parts_objects"))
-        if conditions not in TEXT_CONDITIONS:
-            raise ValueError(f"text conditions {conditions!r} (known: {TEXT_CONDITIONS})")
-        return cls(int(d["context_length"]), int(d["embed_dim"]), dict(d.get("parity", {})),
-                   conditions, bool(d.get("object_words", False)))
+        inputs = {str(k): dict(v) for k, v in dict(d["inputs"]).items()}
+        for name, rule in inputs.items():
+            kinds = [k for k in RULE_KEYS if k in rule]
+            ok = (len(kinds) == 1 and rule[kinds[0]] in AXES
+                  and set(rule) - {kinds[0]} <= RULE_KEYS[kinds[0]]
+                  and rule.get("piece", 0) in (0, 1)
+                  and ("of" not in rule or (rule[kinds[0]] == "class"
+                                            and rule["of"] in ("part", "object")))
+                  and (kinds[0] == "text" or ("piece" in rule) != ("of" in rule)))
+            if not ok:
+                raise ValueError(f"text input {name!r} has rule {rule}, which this runtime "
+                                 "does not know (runtime/text.py lists the rules)")
+        return cls(int(d["context_length"]), int(d["embed_dim"]), inputs,
+                   dict(d.get("parity", {})))
 
 
 @dataclass(frozen=True)
@@ -367,8 +373,8 @@ class CheckInfo:
 class Manifest:
     """manifest.json, typed. `to_dict`/`from_dict` are what export writes and the runtime reads.
 
-    mode: "partclipseg" | "clipseg" | "colour_blind": the model kind (the text side's recipe;
-    the graph's interface is `inputs` / `outputs`); input_size: the model's square input side
+    mode: the model kind, a label for people (the graph's interface is `inputs` / `outputs`,
+    the text side's recipe `text.inputs`); input_size: the model's square input side
     S (pixels); image_dtype: "uint8" | "float32" (RGB 0-255 either way; normalization with
     mean/std is in-graph); inputs / outputs: the graph contract (`TensorSpec`), in graph order;
     files: {key: FileEntry} with keys "vocab", `graph_file(...)[0]`, "engine", ...
@@ -454,9 +460,9 @@ class Manifest:
             raise BundleError(f"{where} has bundle format {version!r}; this runtime reads up to "
                               f"{FORMAT_VERSION}: upgrade partclipseg-deploy")
         if version < FORMAT_VERSION:
-            raise BundleError(f"{where} has bundle format {version}, which predates the graph "
-                              f"contract of format {FORMAT_VERSION}: re-export it with "
-                              "python -m export.onnx")
+            raise BundleError(f"{where} has bundle format {version}, which this runtime no "
+                              f"longer reads (format {FORMAT_VERSION}: the text head as a graph): "
+                              "re-export it with python -m export.onnx")
 
         def opt(key: str, parse: Any) -> Any:
             return parse(raw[key]) if raw.get(key) else None
@@ -489,8 +495,8 @@ class Manifest:
         """Fields the runtime relies on agree with each other (a damaged manifest is named here,
         not as a shape error inside a backend)."""
         bad = []
-        if self.mode not in MODES:
-            bad.append(f"mode {self.mode!r} (expected one of {MODES})")
+        if not isinstance(self.mode, str) or not self.mode:
+            bad.append(f"mode {self.mode!r} (expected the model kind's name)")
         if self.input_size <= 0:
             bad.append(f"input_size {self.input_size}")
         if self.image_dtype not in IMAGE_DTYPES:

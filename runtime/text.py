@@ -1,4 +1,5 @@
-"""New class names at run time, without torch: tokenizer + ONNX text tower + numpy text layers.
+"""New class names at run time, without torch: tokenizer + ONNX text tower + the model's ONNX
+text head.
 
     text = TextSide.open(manifest)              # a bundle exported with its text side
     arrays = text.vocab_arrays(vocab)           # the graph's vocabulary inputs, as export.vocab
@@ -8,6 +9,12 @@ case) here, then its BPE through Hugging Face `tokenizers` (`tokenizer.json`, wr
 `export.text`), then <start_of_text> ids <end_of_text>, zero-padded to the context length; a
 longer name is cut to the context length with <end_of_text> last (open_clip's truncation).
 Text features are cached per cleaned name, so a name is encoded once per process.
+
+The model's text recipe is data, not code here: the manifest lists the text head's inputs
+(`TextInfo.inputs`), each a rule over the vocabulary that `runtime.vocabulary.recipe_feeds`
+follows (the one place a recipe's string handling lives; it lists the rules), and the head
+itself is an ONNX graph the model exported (`text_head.onnx`: those inputs -> every vocabulary
+input of the image graph). Nothing here knows a model kind.
 """
 
 from __future__ import annotations
@@ -22,24 +29,18 @@ import numpy as np
 from . import bundle as spec
 from .backends.onnxruntime import OnnxRuntimeBackend
 from .bundle import BundleError
-from .vocabulary import ObjectWords, Vocabulary, VocabularyError
+from .vocabulary import Vocabulary, VocabularyError, recipe_feeds
 
 if TYPE_CHECKING:
     from .bundle import Manifest, TextInfo
 
 __all__ = ["TextEncoder", "TextSide", "clean_name", "CLIP_SPLIT_PATTERN", "START_OF_TEXT",
-           "END_OF_TEXT", "HEAD_ARRAYS"]
+           "END_OF_TEXT"]
 
 START_OF_TEXT, END_OF_TEXT = "<start_of_text>", "<end_of_text>"
 # open_clip's SimpleTokenizer pattern (special tokens first, as open_clip's alternation has).
 CLIP_SPLIT_PATTERN = (START_OF_TEXT + "|" + END_OF_TEXT +
                       r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
-# text_head.npz per `TextInfo.conditions`: FiLM (rows D, from E), the background embedding
-# (1, E), and with parts and objects We (E, 2E) and FiLM' (D, E).
-HEAD_ARRAYS = {"classes": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b", "background"),
-               "parts_objects": ("film_mul_w", "film_mul_b", "film_add_w", "film_add_b",
-                                 "background", "embed_mix_w", "embed_mix_b", "film2_mul_w",
-                                 "film2_mul_b", "film2_add_w", "film2_add_b")}
 
 
 def clean_name(name: str) -> str:
@@ -120,9 +121,9 @@ class TextEncoder:
 
 
 class TextSide:
-    """A bundle's text encoder plus its text-only layers: vocabularies -> graph inputs."""
+    """A bundle's text encoder plus its text head graph: vocabularies -> graph inputs."""
 
-    def __init__(self, encoder: TextEncoder, head: dict[str, np.ndarray], info: "TextInfo"):
+    def __init__(self, encoder: TextEncoder, head: OnnxRuntimeBackend, info: "TextInfo"):
         self.encoder, self.head, self.info = encoder, head, info
 
     @classmethod
@@ -135,56 +136,22 @@ class TextSide:
                               "python -m export.onnx to use new class names")
         encoder = TextEncoder(manifest.file("tokenizer"), manifest.file("text_onnx"),
                               manifest.text.context_length, threads)
-        path = manifest.file("text_head")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                head = {k: z[k].astype(np.float32) for k in z.files}
-        except Exception as e:
-            raise BundleError(f"{path} is corrupt ({type(e).__name__}: {e}); re-export the "
-                              "bundle") from e
-        missing = [k for k in HEAD_ARRAYS[manifest.text.conditions] if k not in head]
-        if missing:
-            raise BundleError(f"{path} lacks {missing}; re-export the bundle")
+        head = OnnxRuntimeBackend(str(manifest.file("text_head")), "cpu", threads)
+        want, have = set(manifest.vocab_inputs), set(head.output_names)
+        if set(head.input_names) != set(manifest.text.inputs) or not want <= have:
+            raise BundleError(f"{manifest.file('text_head')} takes {list(head.input_names)} and "
+                              f"gives {sorted(have)}; the manifest's recipe needs "
+                              f"{list(manifest.text.inputs)} -> {sorted(want)}: re-export the "
+                              "bundle")
         return cls(encoder, head, manifest.text)
-
-    def _film(self, e: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        h = self.head
-        return (e @ h[f"{prefix}_mul_w"].T + h[f"{prefix}_mul_b"],
-                e @ h[f"{prefix}_add_w"].T + h[f"{prefix}_add_b"])
 
     def vocab_arrays(self, vocab: Vocabulary) -> dict[str, np.ndarray]:
         """The graph's vocabulary inputs for `vocab` (`runtime.bundle` layout), as
-        `partclipseg.model.deploy.vocab_arrays` computes them in torch."""
+        `partclipseg.model.deploy.vocab_arrays` computes them in torch: the recipe's names
+        through the text tower, then the model's text head graph."""
         if vocab.num_classes == 0:
             raise VocabularyError("the vocabulary is empty")
-        bg = self.head["background"]
-        if self.info.conditions == "classes":
-            e = np.concatenate([self.encoder.encode(vocab.class_names), bg])
-            mul, add = self._film(e, "film")
-            return {spec.OBJECT_FILM[0]: mul, spec.OBJECT_FILM[1]: add}
-        p, arrays = len(vocab.parts), {}
-        if self.info.object_words:  # SynthParts' recipe: an object = colour + body plan
-            words = ObjectWords.split(vocab.objects)
-            e_words = self.encoder.encode(list(words.words))
-            c = len(words.colours)
-            colour = np.array([i for i, _ in words.of_object], np.int64)
-            plan = c + np.array([j for _, j in words.of_object], np.int64)
-            e_parts = self.encoder.encode(list(vocab.parts))
-            # Rows per object: its body-plan word (object FiLM) and its colour word.
-            mul1, add1 = self._film(np.concatenate([e_parts, e_words[plan], bg]), "film")
-            arrays.update(zip(spec.COLOUR_FILM, self._film(e_words[colour], "film")))
-            e_obj = (e_words[colour] + e_words[plan]) / 2  # an object's embedding: its words'
-        else:
-            e = self.encoder.encode(list(vocab.parts) + list(vocab.objects))
-            mul1, add1 = self._film(np.concatenate([e, bg]), "film")
-            e_parts, e_obj = e[:p], e[p:]
-        class_part = np.asarray(vocab.class_parts, np.int64)
-        class_object = np.asarray(vocab.class_objects, np.int64)
-        e_k = (np.concatenate([e_obj[class_object], e_parts[class_part]], axis=1)
-               @ self.head["embed_mix_w"].T + self.head["embed_mix_b"])
-        mul2, add2 = self._film(e_k, "film2")
-        arrays.update({spec.PART_FILM[0]: mul1[:p], spec.PART_FILM[1]: add1[:p],
-                       spec.OBJECT_FILM[0]: mul1[p:], spec.OBJECT_FILM[1]: add1[p:],
-                       spec.CLASS_FILM[0]: mul2, spec.CLASS_FILM[1]: add2,
-                       spec.CLASS_INDEX[0]: class_part, spec.CLASS_INDEX[1]: class_object})
-        return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        texts, feed = recipe_feeds(vocab, self.info.inputs)
+        feed.update({k: self.encoder.encode(v) for k, v in texts.items()})
+        out = self.head.run(feed)
+        return {k: np.ascontiguousarray(v) for k, v in out.items()}

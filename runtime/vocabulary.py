@@ -11,12 +11,14 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from .errors import UserError
 
-__all__ = ["Vocabulary", "VocabularyError", "ObjectWords", "class_name", "split_class_name",
-           "read_class_file"]
+__all__ = ["Vocabulary", "VocabularyError", "class_name", "split_class_name",
+           "read_class_file", "name_pieces", "recipe_feeds"]
 
 
 class VocabularyError(UserError, ValueError):
@@ -192,54 +194,6 @@ class Vocabulary:
         return self.subset([k for k, s in enumerate(self.class_seen) if s])
 
 
-@dataclass(frozen=True)
-class ObjectWords:
-    """Object names as a colour word plus a body-plan word ("green quadruped"): the conditions of
-    the colour-blind object head (`ModelConfig.colour_blind`, SynthParts' recipe).
-
-    colours, plans: the distinct words, in order of first appearance; the head's word rows are
-        `words` = colours + plans (C + W_p of them).
-    of_object: per object, (index into colours, index into plans).
-    """
-
-    colours: tuple[str, ...]
-    plans: tuple[str, ...]
-    of_object: tuple[tuple[int, int], ...]
-
-    @classmethod
-    def split(cls, objects: Sequence[str]) -> "ObjectWords":
-        """Split each object name at its first space: colour word, then the body plan."""
-        colours: list[str] = []
-        plans: list[str] = []
-        of_object = []
-        for name in objects:
-            pieces = name.strip().split(None, 1)
-            if len(pieces) != 2:
-                raise VocabularyError(
-                    f"object {name!r} is not '<colour> <body plan>' (e.g. 'green quadruped'): a "
-                    "colour-blind model scores an object as its colour word plus its body-plan "
-                    "word, so every object name needs both")
-            for word, words in zip(pieces, (colours, plans)):
-                if word not in words:
-                    words.append(word)
-            of_object.append((colours.index(pieces[0]), plans.index(pieces[1])))
-        return cls(tuple(colours), tuple(plans), tuple(of_object))
-
-    @property
-    def words(self) -> tuple[str, ...]:
-        return self.colours + self.plans
-
-    def matrix(self) -> list[list[float]]:
-        """(O, C + W_p) 0/1 rows: object o's logit is the sum of its two words' logits."""
-        n = len(self.colours)
-        rows = []
-        for c, p in self.of_object:
-            row = [0.0] * (n + len(self.plans))
-            row[c] = row[n + p] = 1.0
-            rows.append(row)
-        return rows
-
-
 def read_class_file(path: str | Path) -> Vocabulary:
     """A class file as a Vocabulary, with line-numbered errors.
 
@@ -274,3 +228,56 @@ def read_class_file(path: str | Path) -> Vocabulary:
         dup = sorted({f"{o}'s {p}" for o, p in pairs if pairs.count((o, p)) > 1})
         raise VocabularyError(f"{path} lists classes twice: {dup}")
     return Vocabulary.from_names(pairs, unseen)
+
+
+def name_pieces(names: Sequence[str], axis: str) -> tuple[list[tuple[str, ...]],
+                                                           list[list[int]]]:
+    """Split each name at its first space into two pieces: (per piece k, its distinct values in
+    order of first appearance; per piece k, each name's row among them). VocabularyError names
+    a name without a space."""
+    tables: list[dict[str, int]] = [{}, {}]  # piece -> its row, in order of first appearance
+    rows: list[list[int]] = [[], []]
+    for name in names:
+        pieces = name.strip().split(None, 1)
+        if len(pieces) != 2:
+            raise VocabularyError(
+                f"{axis} {name!r} is not two words: this model's text recipe reads each {axis} "
+                f"name as its first word and the rest (e.g. 'green quadruped'), so every "
+                f"{axis} name needs both")
+        for k, piece in enumerate(pieces):
+            rows[k].append(tables[k].setdefault(piece, len(tables[k])))
+    return [tuple(t) for t in tables], rows
+
+
+def recipe_feeds(vocab: Vocabulary, inputs: Mapping[str, Mapping[str, Any]]
+                 ) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """A vocabulary through a model's text recipe: ({input: the names whose text features it
+    takes}, {input: its int64 index array}), per input of the model's text head. The recipe
+    (`runtime.bundle.TextInfo.inputs`, and the model's `partclipseg.model.deploy.TextHead`)
+    is {input: rule}; the rules:
+      {"text": AXIS}                  the names of a vocabulary axis ("part", "object",
+                                      "class"), in vocabulary order: (N, E) text features
+      {"text": AXIS, "piece": k}      the distinct k-th pieces (k = 0, 1) of the axis's names,
+                                      each split at its first space into two (`name_pieces`),
+                                      in order of first appearance: (M, E) text features
+      {"index": AXIS, "piece": k}     (N,) int64: each name's k-th piece, as a row of that table
+      {"index": "class", "of": AXIS}  (K,) int64: each class's part or object, as a row of it
+    Training (the model's own `encode_vocabulary`), export and the runtime all call this."""
+    names = {"part": list(vocab.parts), "object": list(vocab.objects),
+             "class": list(vocab.class_names)}
+    of_class = {"part": vocab.class_parts, "object": vocab.class_objects}
+    pieces: dict[str, tuple[list[tuple[str, ...]], list[list[int]]]] = {}  # split once per axis
+    texts: dict[str, list[str]] = {}
+    indices: dict[str, np.ndarray] = {}
+    for key, rule in inputs.items():
+        axis = rule.get("text", rule.get("index"))
+        if "piece" in rule and axis not in pieces:
+            pieces[axis] = name_pieces(names[axis], axis)
+        if "text" in rule:
+            texts[key] = (names[axis] if "piece" not in rule
+                          else list(pieces[axis][0][rule["piece"]]))
+        elif "of" in rule:
+            indices[key] = np.asarray(of_class[rule["of"]], np.int64)
+        else:
+            indices[key] = np.asarray(pieces[axis][1][rule["piece"]], np.int64)
+    return texts, indices

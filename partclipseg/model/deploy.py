@@ -7,7 +7,9 @@ uint8 images + precomputed vocabulary vectors -> logits, or -> Pred-All label ma
 each, `runtime.bundle.TensorSpec`); export writes that description into the manifest and every
 reader of the bundle follows it. The text tower, FiLM/FiLM' vectors and We [e_o ; e_p] are
 computed once by `vocab_arrays` and enter the graph as inputs, so the vocabulary can change
-without a rebuild. Normalization is inside the graph; every class-dependent size (P, O, K) is
+without a rebuild. `vocab_arrays` runs the model's `TextHead`, which export also traces into the
+bundle (`text_head.onnx`), so the runtime turns new names into these inputs with the model's
+own code and the recipe it declares (`TextHead.recipe`), knowing no model kind. Normalization is inside the graph; every class-dependent size (P, O, K) is
 read from the input tensors, so it stays dynamic in the exported graph.
 
 Model kinds and their vocabulary inputs (all on the part, object and class axes):
@@ -28,17 +30,19 @@ from torch import nn
 
 from .partclipseg import Conditioning, PartCLIPSeg
 from runtime import bundle as spec
-from runtime.vocabulary import Vocabulary
+from runtime.vocabulary import Vocabulary, recipe_feeds
 
-__all__ = ["DeployModel", "vocab_arrays", "text_head_arrays", "text_recipe", "example_inputs",
-           "deploy_mode", "CLASS_CHUNK"]
+__all__ = ["DeployModel", "TextHead", "TEXT_HEADS", "register_text_head", "text_head",
+           "vocab_arrays", "example_inputs", "deploy_mode", "COLOUR_FILM", "CLASS_CHUNK"]
+
+COLOUR_FILM = ("colour_film_mul", "colour_film_add")  # colour-blind models: per-object rows
 
 # Fast graphs: stage-2 classes per chunk of the fused tail (peak class maps: B x 16 x S x S).
 CLASS_CHUNK = 16
 
 
 def deploy_mode(cfg: Any) -> str:
-    """The bundle mode of a model config (`runtime.bundle.MODES`): its graph interface."""
+    """The bundle mode of a model config: the name of its graph interface and text head."""
     return "colour_blind" if cfg.colour_blind else cfg.mode
 
 
@@ -84,7 +88,7 @@ class DeployModel(nn.Module):
         specs.update({n: film("part") for n in spec.PART_FILM})
         specs.update({n: film("object", True) for n in spec.OBJECT_FILM})
         if self.mode == "colour_blind":
-            specs.update({n: film("object") for n in spec.COLOUR_FILM})
+            specs.update({n: film("object") for n in COLOUR_FILM})
         specs.update({n: film("class") for n in spec.CLASS_FILM})
         specs[spec.CLASS_INDEX[0]] = spec.TensorSpec.over("class", dtype="int64", indexes="part")
         specs[spec.CLASS_INDEX[1]] = spec.TensorSpec.over("class", dtype="int64",
@@ -226,57 +230,143 @@ def _conditioning(mul: torch.Tensor, add: torch.Tensor) -> Conditioning:
     return Conditioning(mul, add, num_parts=0, num_objects=0)
 
 
+# -- the text head: names -> the graph's vocabulary inputs -------------------------------------
+TEXT_HEADS: dict[str, type["TextHead"]] = {}
+
+
+def register_text_head(name: str) -> Callable[[type], type]:
+    """Class decorator: the text head of models whose `deploy_mode` (or `cfg.text_head`) is
+    `name`. A new model kind registers its head here; the runtime needs no change."""
+    def add(cls: type) -> type:
+        TEXT_HEADS[name] = cls
+        return cls
+    return add
+
+
+def text_head(model: PartCLIPSeg) -> "TextHead":
+    """The registered text head of `model`: `cfg.text_head` when set, else its `deploy_mode`."""
+    name = getattr(model.cfg, "text_head", None) or deploy_mode(model.cfg)
+    if name not in TEXT_HEADS:
+        raise ValueError(f"no text head registered as {name!r} (known: {sorted(TEXT_HEADS)})")
+    return TEXT_HEADS[name](model)
+
+
+class TextHead(nn.Module):
+    """The text-only layers of a model as export traces them (`text_head.onnx`).
+
+    `recipe`: {input: rule} in forward order, how each input is made from a vocabulary
+    (`runtime.vocabulary.recipe_feeds` lists the rules): text features (N, E) float32 of a list
+    of names, or an int64 index array. forward(*inputs) -> {image graph vocabulary input: array},
+    every vocabulary input `DeployModel.input_specs` declares, with its rows and dtype. Input
+    names differ from output names (an ONNX graph cannot have both).
+    """
+
+    recipe: dict[str, dict[str, Any]] = {}
+
+    def __init__(self, model: PartCLIPSeg):
+        super().__init__()
+        self.model = model.eval()
+
+    def outputs(self) -> list[str]:
+        """The image graph's vocabulary inputs, in its order: what forward returns."""
+        return [n for n in DeployModel(self.model, (0.0,) * 3, (1.0,) * 3).input_specs()
+                if n != spec.IMAGE]
+
+    def inputs(self, vocab: Vocabulary) -> list[torch.Tensor]:
+        """`vocab` through the recipe: the forward arguments, the names encoded by the model's
+        own text tower (as the runtime encodes them with the exported one)."""
+        texts, indices = recipe_feeds(vocab, self.recipe)
+        device = self.model.background.device
+        return [self.model.encode_names(texts[k]) if k in texts
+                else torch.from_numpy(indices[k]).to(device) for k in self.recipe]
+
+    def background(self) -> torch.Tensor:
+        return self.model.background
+
+
+@register_text_head("clipseg")
+class ClassesHead(TextHead):
+    """CLIPSeg: one stage-1 condition per object-specific class name, background last."""
+
+    recipe = {"class_text": {"text": "class"}}
+
+    def forward(self, class_text: torch.Tensor) -> dict[str, torch.Tensor]:
+        mul, add = self.model.film.vectors(torch.cat([class_text, self.background()]))
+        return {spec.OBJECT_FILM[0]: mul, spec.OBJECT_FILM[1]: add}
+
+
+@register_text_head("partclipseg")
+class PartsObjectsHead(TextHead):
+    """PartCLIPSeg: generalized parts and objects (stage 1), then each class's embedding
+    We [e_object ; e_part] through FiLM' (stage 2); `PartCLIPSeg.encode_vocabulary`'s
+    arithmetic on the deployed layout."""
+
+    recipe = {"part_text": {"text": "part"}, "object_text": {"text": "object"},
+              "part_of_class": {"index": "class", "of": "part"},
+              "object_of_class": {"index": "class", "of": "object"}}
+
+    def stage2(self, e_obj: torch.Tensor, e_part: torch.Tensor, class_part: torch.Tensor,
+               class_object: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Class FiLM' rows and the index arrays, from per-object and per-part embeddings."""
+        e_k = self.model.embed_mix(torch.cat([e_obj[class_object], e_part[class_part]], dim=1))
+        mul, add = self.model.film2.vectors(e_k)
+        return {spec.CLASS_FILM[0]: mul, spec.CLASS_FILM[1]: add,
+                spec.CLASS_INDEX[0]: class_part, spec.CLASS_INDEX[1]: class_object}
+
+    def forward(self, part_text: torch.Tensor, object_text: torch.Tensor,
+                class_part: torch.Tensor, class_object: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        film = self.model.film
+        part_mul, part_add = film.vectors(part_text)
+        obj_mul, obj_add = film.vectors(torch.cat([object_text, self.background()]))
+        return {spec.PART_FILM[0]: part_mul, spec.PART_FILM[1]: part_add,
+                spec.OBJECT_FILM[0]: obj_mul, spec.OBJECT_FILM[1]: obj_add,
+                **self.stage2(object_text, part_text, class_part, class_object)}
+
+
+@register_text_head("colour_blind")
+class ObjectWordsHead(PartsObjectsHead):
+    """SynthParts' colour-blind recipe: an object name is a colour word and a body-plan word
+    (its first word and the rest); per object one colour row and one body-plan row (object
+    FiLM, background last), and its embedding is the mean of its words'."""
+
+    recipe = {"part_text": {"text": "part"},
+              "colour_text": {"text": "object", "piece": 0},
+              "plan_text": {"text": "object", "piece": 1},
+              "object_colour": {"index": "object", "piece": 0},
+              "object_plan": {"index": "object", "piece": 1},
+              "part_of_class": {"index": "class", "of": "part"},
+              "object_of_class": {"index": "class", "of": "object"}}
+
+    def forward(self, part_text: torch.Tensor, colour_text: torch.Tensor,
+                plan_text: torch.Tensor, object_colour: torch.Tensor, object_plan: torch.Tensor,
+                class_part: torch.Tensor, class_object: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        film = self.model.film
+        part_mul, part_add = film.vectors(part_text)
+        colour_mul, colour_add = film.vectors(colour_text[object_colour])
+        plan = torch.cat([plan_text[object_plan], self.background()])
+        plan_mul, plan_add = film.vectors(plan)
+        e_obj = (colour_text[object_colour] + plan_text[object_plan]) / 2
+        return {spec.PART_FILM[0]: part_mul, spec.PART_FILM[1]: part_add,
+                spec.OBJECT_FILM[0]: plan_mul, spec.OBJECT_FILM[1]: plan_add,
+                COLOUR_FILM[0]: colour_mul, COLOUR_FILM[1]: colour_add,
+                **self.stage2(e_obj, part_text, class_part, class_object)}
+
+
 @torch.no_grad()
 def vocab_arrays(model: PartCLIPSeg, vocab: Vocabulary) -> dict[str, np.ndarray]:
-    """Everything that depends only on text, as the graph's vocabulary inputs.
-
-    Returns {name: array} for `DeployModel.input_specs()` minus the image: float32 (rows, D)
-    FiLM vectors and int64 (K,) index vectors (see runtime.bundle for the layout).
-    """
+    """Everything that depends only on text, as the graph's vocabulary inputs: the model's
+    `TextHead` on `vocab`. {name: array} for `DeployModel.input_specs()` minus the image:
+    float32 (rows, D) FiLM vectors and int64 (K,) index vectors (runtime.bundle: the layout)."""
     was_training = model.training
-    model.eval()
-    cond = model.encode_vocabulary(vocab)
-    model.train(was_training)
-    f = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    if model.cfg.mode == "clipseg":
-        return {spec.OBJECT_FILM[0]: f(cond.film1_mul), spec.OBJECT_FILM[1]: f(cond.film1_add)}
-    p, c = cond.num_parts, cond.num_colour  # rows: [parts, colour words (if any), objects, bg]
-    mul, add = f(cond.film1_mul), f(cond.film1_add)
-    out = {spec.PART_FILM[0]: mul[:p], spec.PART_FILM[1]: add[:p]}
-    if cond.object_words is None:
-        out.update({spec.OBJECT_FILM[0]: mul[p:], spec.OBJECT_FILM[1]: add[p:]})
-    else:  # word rows -> one colour row and one body-plan row per object (the graph's layout)
-        matrix = f(cond.object_words)  # (O, C + W_p) 0/1: each object's two words
-        colour = p + matrix[:, :c].argmax(1)
-        plan = p + c + np.append(matrix[:, c:].argmax(1), mul.shape[0] - p - c - 1)  # + bg
-        out.update({spec.COLOUR_FILM[0]: mul[colour], spec.COLOUR_FILM[1]: add[colour],
-                    spec.OBJECT_FILM[0]: mul[plan], spec.OBJECT_FILM[1]: add[plan]})
-    out.update({spec.CLASS_FILM[0]: f(cond.film2_mul), spec.CLASS_FILM[1]: f(cond.film2_add),
-                spec.CLASS_INDEX[0]: cond.class_part.cpu().numpy().astype(np.int64),
-                spec.CLASS_INDEX[1]: cond.class_object.cpu().numpy().astype(np.int64)})
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def text_recipe(model: PartCLIPSeg) -> dict[str, Any]:
-    """How the runtime's text side turns names into `vocab_arrays` for this model
-    (`runtime.bundle.TextInfo`: conditions, object_words)."""
-    return {"conditions": "classes" if model.cfg.mode == "clipseg" else "parts_objects",
-            "object_words": bool(model.cfg.colour_blind)}
-
-
-def text_head_arrays(model: PartCLIPSeg) -> dict[str, np.ndarray]:
-    """The text-only layers of `model` as float32 arrays (`runtime.text.HEAD_ARRAYS` names
-    them): what the runtime's text side needs to turn CLIP text features into `vocab_arrays`."""
-    f = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    arrays = {"film_mul_w": f(model.film.mul.weight), "film_mul_b": f(model.film.mul.bias),
-              "film_add_w": f(model.film.add.weight), "film_add_b": f(model.film.add.bias),
-              "background": f(model.background)}
-    if model.cfg.mode == "partclipseg":
-        arrays.update(
-            embed_mix_w=f(model.embed_mix.weight), embed_mix_b=f(model.embed_mix.bias),
-            film2_mul_w=f(model.film2.mul.weight), film2_mul_b=f(model.film2.mul.bias),
-            film2_add_w=f(model.film2.add.weight), film2_add_b=f(model.film2.add.bias))
-    return arrays
+    head = text_head(model)
+    try:
+        out = head(*head.inputs(vocab))
+    finally:
+        model.train(was_training)
+    return {k: np.ascontiguousarray(out[k].detach().cpu().numpy().astype(
+        np.int64 if not out[k].is_floating_point() else np.float32)) for k in head.outputs()}
 
 
 def example_inputs(size: int, arrays: dict[str, np.ndarray], batch: int = 1, seed: int = 0,

@@ -28,19 +28,19 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from runtime.io import CLIP_MEAN, CLIP_STD
-from runtime.vocabulary import ObjectWords, Vocabulary
+from runtime.vocabulary import Vocabulary, name_pieces
 
 from ..config import ModelConfig
 from .backbone import TappedViT, TextEncoder, build_clip, tokenize, with_pretrained_activation
 from .decoder import Adapter, ConvBranch, DecoderBlock, FiLM, MaskHead
 
-__all__ = ["PartCLIPSeg", "Conditioning", "SegOutput", "ImageFeatures", "Stage1",
+__all__ = ["PartCLIPSeg", "Conditioning", "ObjectWords", "SegOutput", "ImageFeatures", "Stage1",
            "grey_matrix"]
 
 # ITU-R BT.601 luma, the weights PIL's convert("L") uses.
@@ -57,6 +57,42 @@ def grey_matrix(mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CL
     weight = (luma * std_t).expand(3, 3) / std_t[:, None]
     bias = ((luma * mean_t).sum() - mean_t) / std_t
     return weight.float(), bias.float()
+
+
+@dataclass(frozen=True)
+class ObjectWords:
+    """Object names as a colour word plus a body-plan word ("green quadruped"): the conditions of
+    the colour-blind object head (`ModelConfig.colour_blind`, SynthParts' recipe). The split is
+    `runtime.vocabulary.name_pieces`, the one the exported text head's recipe declares.
+
+    colours, plans: the distinct words, in order of first appearance; the head's word rows are
+        `words` = colours + plans (C + W_p of them).
+    of_object: per object, (index into colours, index into plans).
+    """
+
+    colours: tuple[str, ...]
+    plans: tuple[str, ...]
+    of_object: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def split(cls, objects: Sequence[str]) -> "ObjectWords":
+        """Split each object name at its first space: colour word, then the body plan."""
+        (colours, plans), (colour_rows, plan_rows) = name_pieces(objects, "object")
+        return cls(colours, plans, tuple(zip(colour_rows, plan_rows)))
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return self.colours + self.plans
+
+    def matrix(self) -> list[list[float]]:
+        """(O, C + W_p) 0/1 rows: object o's logit is the sum of its two words' logits."""
+        n = len(self.colours)
+        rows = []
+        for c, p in self.of_object:
+            row = [0.0] * (n + len(self.plans))
+            row[c] = row[n + p] = 1.0
+            rows.append(row)
+        return rows
 
 
 @dataclass

@@ -14,7 +14,9 @@ pytest.importorskip("onnxruntime")
 
 from runtime import Segmenter  # noqa: E402
 from runtime import bundle as spec  # noqa: E402
-from runtime.vocabulary import ObjectWords, Vocabulary, VocabularyError, split_class_name  # noqa: E402
+from partclipseg.model.deploy import COLOUR_FILM  # noqa: E402
+from partclipseg.model.partclipseg import ObjectWords  # noqa: E402
+from runtime.vocabulary import Vocabulary, VocabularyError, split_class_name  # noqa: E402
 
 
 def _frames(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -27,7 +29,7 @@ def test_object_words_split_names_into_colour_and_plan():
     assert w.words == ("red", "blue", "quadruped", "bird")
     assert w.matrix() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1]]
     assert ObjectWords.split(["dark  green   sea turtle"]).plans == ("green   sea turtle",)
-    with pytest.raises(VocabularyError, match="'car' is not '<colour> <body plan>'"):
+    with pytest.raises(VocabularyError, match="object 'car' is not two words"):
         ObjectWords.split(["red bird", "car"])
 
 
@@ -37,11 +39,11 @@ def test_bundle_inputs_are_per_object_rows(micro_cb_bundle, vocab):
     m = spec.read_manifest(micro_cb_bundle)
     assert m.mode == "colour_blind" and m.model_config["colour_blind"] is True
     assert {t.rows for t in m.vocab_inputs.values()} == {"part", "object", "class"}
-    colour = m.inputs[spec.COLOUR_FILM[0]]
+    colour = m.inputs[COLOUR_FILM[0]]
     assert (colour.shape[0], colour.rows, colour.background) == ("O", "object", False)
     assert m.inputs[spec.OBJECT_FILM[0]].shape[0] == "O+1"
     arrays = spec.read_vocab(m)
-    assert arrays[spec.OBJECT_FILM[0]].shape[0] == 3 and arrays[spec.COLOUR_FILM[0]].shape[0] == 2
+    assert arrays[spec.OBJECT_FILM[0]].shape[0] == 3 and arrays[COLOUR_FILM[0]].shape[0] == 2
     # export measured every graph against PyTorch and would have refused to write otherwise
     assert set(m.onnx.parity) == {"fp32", "fp16"}
     assert m.onnx.parity["fp32"]["rel_error"] <= 1e-4
@@ -67,7 +69,7 @@ def test_a_class_subset_feeds_only_its_objects(micro_cb_bundle, micro_cb_ckpt, v
     seg = Segmenter.load(micro_cb_bundle, backend="onnxruntime", threads=1)
     names = [n for n in vocab.class_names if n.startswith("blue bird")][:2]
     feed = seg.feed(names)
-    assert feed[spec.COLOUR_FILM[0]].shape[0] == 1 and feed[spec.OBJECT_FILM[0]].shape[0] == 2
+    assert feed[COLOUR_FILM[0]].shape[0] == 1 and feed[spec.OBJECT_FILM[0]].shape[0] == 2
     model, _, _ = load_model(micro_cb_ckpt)
     sub = Vocabulary.from_names([split_class_name(n) for n in names])
     frame = _frames(1)
@@ -97,7 +99,7 @@ def test_new_names_through_the_text_side(micro_cb_bundle, micro_cb_ckpt):
     seg = Segmenter.load(micro_cb_bundle, backend="onnxruntime", threads=1)
     pred = seg.predict(_frames(1)[0], classes=["green bird's head", "red quadruped's leg"])
     assert pred.class_names == ("green bird's head", "red quadruped's leg")
-    with pytest.raises(VocabularyError, match="'<colour> <body plan>'"):
+    with pytest.raises(VocabularyError, match="object 'dog' is not two words"):
         seg.predict(_frames(1)[0], classes=["dog's head"])
 
 
@@ -142,7 +144,7 @@ def test_a_vocab_file_that_does_not_match_is_named(micro_cb_bundle, tmp_path):
     shutil.copytree(micro_cb_bundle, out)
     m = spec.read_manifest(out)
     arrays = spec.read_vocab(m)
-    arrays[spec.COLOUR_FILM[0]] = arrays[spec.COLOUR_FILM[0]][:1]
+    arrays[COLOUR_FILM[0]] = arrays[COLOUR_FILM[0]][:1]
     from export.bundle import update_manifest, write_vocab
 
     write_vocab(out, arrays, m.files["vocab"].path)
@@ -155,7 +157,7 @@ def test_engine_profile_covers_the_colour_rows(micro_cb_bundle):
     from export.trt import profile_shapes
 
     shapes = profile_shapes(spec.read_manifest(micro_cb_bundle), 1, 1, 2, 16)
-    assert shapes[spec.COLOUR_FILM[0]] == [[1, 16], [2, 16], [16, 16]]
+    assert shapes[COLOUR_FILM[0]] == [[1, 16], [2, 16], [16, 16]]
     assert shapes[spec.OBJECT_FILM[0]][0][0] == 2 and shapes[spec.OBJECT_FILM[0]][2][0] == 17
 
 
@@ -180,6 +182,6 @@ def test_export_vocab_writes_a_new_word_vocabulary(micro_cb_bundle, micro_cb_ckp
                                  ("red bird", "wing")])
     manifest = set_vocabulary(out, micro_cb_ckpt, new)
     arrays = spec.read_vocab(manifest)
-    assert arrays[spec.COLOUR_FILM[0]].shape[0] == 3  # one colour row per object
+    assert arrays[COLOUR_FILM[0]].shape[0] == 3  # one colour row per object
     seg = Segmenter.load(out, backend="onnxruntime", threads=1)
     assert seg.predict(_frames(1)[0]).class_names == new.class_names

@@ -348,7 +348,7 @@ def test_colour_blind_needs_colour_and_plan_words():
     from runtime.vocabulary import Vocabulary, VocabularyError
 
     m = build_model("micro", colour_blind=True)
-    with pytest.raises(VocabularyError, match="'dog' is not '<colour> <body plan>'"):
+    with pytest.raises(VocabularyError, match="object 'dog' is not two words"):
         m.encode_vocabulary(Vocabulary.from_names([("dog", "head")]))
     with pytest.raises(ConfigError, match="colour_blind needs mode 'partclipseg'"):
         load_model_config("micro", mode="clipseg", colour_blind=True)

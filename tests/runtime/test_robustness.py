@@ -294,7 +294,7 @@ def test_manifest_cannot_point_outside_the_bundle(micro_bundle, tmp_path, path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"mode": "maskformer"}, "mode"), ({"image_dtype": "uint9"}, "image_dtype"),
+    ({"mode": ""}, "mode"), ({"image_dtype": "uint9"}, "image_dtype"),
     ({"input_size": 96}, "inputs.image"), ({"input_size": -64}, "input_size"),
     ({"format_version": spec.FORMAT_VERSION + 1}, "upgrade"), ({"format_version": "1"}, "upgrade"),
 ])
