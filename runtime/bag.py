@@ -37,6 +37,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from .errors import UserError
+from .io import StagedWriter
 
 __all__ = ["BagImages", "BagFrame", "LabelBag", "BagError", "is_bag", "topic_name",
            "out_bag_kind", "LABEL_ENCODING", "BACKGROUND_LABEL", "IMAGE_TYPES", "ENCODINGS"]
@@ -259,7 +260,7 @@ class _Connections:
     classes: tuple[str, ...] | None = None  # the class names last written
 
 
-class LabelBag:
+class LabelBag(StagedWriter):
     """Label maps out as a bag, written under a temporary name beside `path` and renamed onto
     it by `close()`: a reader (or a run killed midway) finds the previous bag or none, never
     half of one. `abort()` (or an error inside `with`) removes the temporary files; Ctrl-C inside
@@ -411,14 +412,6 @@ class LabelBag:
                 pass
         shutil.rmtree(self._stage, ignore_errors=True)
 
-    def __enter__(self) -> "LabelBag":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-            self.close()
-        else:
-            self.abort()
 
 
 def _fsync(path: Path) -> None:

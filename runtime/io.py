@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "file_sha256", "CLIP_MEAN", "CLIP_STD",
-           "IGNORE_LABEL"]
+__all__ = ["atomic_write", "atomic_write_text", "file_sha256", "StagedWriter", "CLIP_MEAN",
+           "CLIP_STD", "IGNORE_LABEL"]
 
 # OpenAI CLIP normalization (RGB, applied to [0, 1] pixels).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,3 +64,25 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class StagedWriter:
+    """A writer that stages its output beside the final name: `close()` finishes it (renamed
+    into place, whole), `abort()` drops what was staged. As a context manager it closes on
+    success and on Ctrl-C (what was written so far stays a whole, readable file) and aborts on
+    any other error."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "StagedWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+            self.close()
+        else:
+            self.abort()

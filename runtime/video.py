@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .io import StagedWriter
+
 __all__ = ["VideoWriter", "TIME_BASE"]
 
 # Millisecond timestamps: a live source's frames arrive at uneven times (drops, reconnects), so
@@ -26,7 +28,7 @@ __all__ = ["VideoWriter", "TIME_BASE"]
 TIME_BASE = Fraction(1, 1000)
 
 
-class VideoWriter:
+class VideoWriter(StagedWriter):
     """An MP4 of RGB frames: H.264 when this FFmpeg has libx264, else MPEG-4 Part 2.
 
     The first frame fixes the size; later frames of another size are resized (nearest) to it.
@@ -103,11 +105,3 @@ class VideoWriter:
             self._out = None
         Path(self._tmp).unlink(missing_ok=True)
 
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-            self.close()
-        else:
-            self.abort()
