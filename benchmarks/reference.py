@@ -118,7 +118,10 @@ def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | N
     fast, slots: also fast slot graphs for these batch sizes (`export.onnx --fast`).
     int8: also INT8 graphs, calibrated on the checkpoint's training images when they are
         here, else on generated SynthParts images (`calibration_folder`); int8_method and
-        int8_min_agreement as `export.onnx.export_onnx`'s.
+        int8_min_agreement as `export.onnx.export_onnx`'s, except that a random-init model's
+        INT8 agreement is recorded, not enforced (int8_min_agreement 0 unless given): its
+        Pred-All labels are near-ties that INT8 rounding flips by the percent on every CPU
+        (ViT-B/16: 95-96% with 7- or 8-bit weights), and the model is for latency only.
     """
     from export.onnx import export_onnx
 
@@ -126,6 +129,8 @@ def build_bundle(out: str | Path, config: str = "vit_b16", vocab: Vocabulary | N
     t0 = time.perf_counter()
     if checkpoint is None:
         checkpoint = write_random_checkpoint(checkpoint_path_for(out), config, vocab, seed)
+        if int8 and int8_min_agreement is None:
+            int8_min_agreement = 0.0
     t1 = time.perf_counter()
     calibration = _calibration(Path(checkpoint), out) if int8 else None
     manifest = export_onnx(checkpoint, out, fp16=fp16, labels=True, check_batch=check_batch,
