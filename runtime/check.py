@@ -77,8 +77,10 @@ def run(a: argparse.Namespace) -> int:
             entry["likely_cause"] = likely_cause(r, manifest, here)
             print(f"  likely cause: {entry['likely_cause']}", flush=True)
         results.append(entry)
+    gpu = here.get("gpu")
     print(f"this machine: {here.get('cpu')} ({here.get('arch')}), flags {here.get('cpu_flags')}, "
-          f"onnxruntime {here.get('onnxruntime')}, numpy {here.get('numpy')}")
+          f"GPU {gpu['name'] if gpu else 'none'}, onnxruntime {here.get('onnxruntime')}, numpy "
+          f"{here.get('numpy')}" + (f", {here['tensorrt']}" if here.get("tensorrt") else ""))
     if a.json:
         atomic_write_text(a.json, json.dumps({"bundle": str(manifest.root), "machine": here,
                                               "exported_on": exported, "results": results},

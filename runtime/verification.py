@@ -134,8 +134,8 @@ def _cpu_flags() -> list[str] | None:
 
 def machine(backend: Any = None) -> dict[str, Any]:
     """What this machine's results depend on: CPU model (/proc/cpuinfo: an emulator shows its
-    host's), the CPU_FLAGS it has (CPUID; None: unknown), architecture, ONNX Runtime and numpy
-    versions, and for a TensorRT backend its version."""
+    host's), the CPU_FLAGS it has (CPUID; None: unknown), architecture, GPU 0 (nvidia-smi; None
+    without one), ONNX Runtime and numpy versions, and for a TensorRT backend its version."""
     model = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -145,9 +145,11 @@ def machine(backend: Any = None) -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from .backends.tensorrt import current_gpu  # nvidia-smi; imports no TensorRT
+
     info: dict[str, Any] = {"cpu": model or platform.processor() or None,
                             "cpu_flags": _cpu_flags(), "arch": platform.machine(),
-                            "numpy": np.__version__}
+                            "gpu": current_gpu(), "numpy": np.__version__}
     try:
         import onnxruntime
 
